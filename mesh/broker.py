@@ -1,0 +1,467 @@
+"""The broker: routes requests from clients to workers and streams tokens back.
+
+Sockets (all derived from the one broker URL, see mesh.endpoints):
+    front    ROUTER  clients submit and cancel; tokens, done and errors go back
+    back     ROUTER  workers receive submits and cancels; send tokens, done, errors, bye
+    bus_in   XSUB    workers publish announcements
+    bus_out  XPUB    anyone subscribes: announcements, beacons, worker-gone notices
+
+The broker is one thread running a zmq.Poller loop. Every readable socket is
+drained with non-blocking receives (one poll, then receive until empty), which
+relays about three times as many messages as awaiting each one. It reads only
+header frames: token bodies pass through as opaque bytes.
+
+It counts each worker's in-flight requests itself (it dispatched them), so the
+dispatch policy never works from a stale heartbeat figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from mesh import __version__, transport
+from mesh.discovery import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, expiry_after
+from mesh.dispatch import POLICIES, Candidate, DispatchMethod, DispatchState
+from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
+from mesh.protocol import (
+    REQUEST_ID_SIZE,
+    Announcement,
+    BrokerInfo,
+    ErrorCode,
+    ErrorReply,
+    Kind,
+    ProtocolError,
+    WorkerGone,
+    decode,
+    encode,
+    error_frames,
+    pack_header,
+    parse_header,
+)
+from mesh.security import SecurityConfig, check_bind_allowed
+
+log = logging.getLogger("mesh.broker")
+
+#: Messages taken from one socket before the loop looks at the others.
+DRAIN_BATCH = 512
+#: Longest the loop sleeps in poll, so timers and stop requests are seen.
+TICK_SECONDS = 0.05
+_ROUTING_ERRORS = (zmq.Again, zmq.ZMQError)
+_HEADER_TOKENS = pack_header(Kind.TOKENS)  # the hot path's header prefix
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    broker_url: str = DEFAULT_BROKER_URL
+    dispatch_method: DispatchMethod = "shortest_queue"
+    #: Requests per model that may wait for a free worker before `overloaded`.
+    max_queue: int = 256
+    #: Workers a request may be sent to before its loss is reported (worker deaths before the first token).
+    max_attempts: int = 3
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    seed: int | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    worker_id: bytes
+    announcement: Announcement
+    announcement_frames: list[bytes]
+    last_seen: float
+    inflight: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    request_id: bytes
+    client: bytes
+    model: str
+    submit_frames: list[bytes]  # [header, model, body], re-sent as is on a retry
+    worker: bytes | None = None
+    started: bool = False
+    attempts: int = 0
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.endpoints = Endpoints.from_url(config.broker_url)
+        check_bind_allowed(self.endpoints, config.security)
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._policy = POLICIES[config.dispatch_method]
+        self._dispatch_state = DispatchState(rng=random.Random(config.seed))
+        self._expiry = expiry_after(config.heartbeat_interval, config.heartbeat_liveness)
+        self._workers: dict[bytes, _Worker] = {}
+        self._by_model: dict[str, list[_Worker]] = {}
+        self._requests: dict[bytes, _Request] = {}
+        self._queues: dict[str, deque[_Request]] = {}
+        #: Workers that said BYE, by id -> the start time of that incarnation: their
+        #: announcements still in flight on the bus must not bring them back.
+        self._departed: dict[bytes, float] = {}
+        self.dropped: Counter[str] = Counter()
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._next_beacon = 0.0
+        self._sockets_open = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> None:
+        security = self.config.security
+        ctx = self._context
+        self.front = transport.bind(ctx, zmq.ROUTER, self.endpoints.front, security, "clients")
+        self.back = transport.bind(ctx, zmq.ROUTER, self.endpoints.back, security, "workers")
+        self.bus_in = transport.bind(ctx, zmq.XSUB, self.endpoints.bus_in, security, "workers")
+        self.bus_out = transport.bind(ctx, zmq.XPUB, self.endpoints.bus_out, security, "clients")
+        # Every subscription reaches us, so each new subscriber gets a snapshot.
+        self.bus_out.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.bus_in.send(b"\x01")  # subscribe to every announcement
+        self._sockets_open = True
+        log.info("broker listening on %s (dispatch %s)", self.endpoints.front, self.config.dispatch_method)
+
+    def stop(self) -> None:
+        """Asks the loop to finish; safe from a signal handler or another thread."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serves until stop(); binds first if needed, closes the sockets at the end."""
+        if not self._sockets_open:
+            self.bind()
+        poller = zmq.Poller()
+        for sock in (self.front, self.back, self.bus_in, self.bus_out):
+            poller.register(sock, zmq.POLLIN)
+        handlers = {
+            self.front: self._on_client,
+            self.back: self._on_worker,
+            self.bus_in: self._on_bus_in,
+            self.bus_out: self._on_subscription,
+        }
+        timeout_ms = int(TICK_SECONDS * 1000)
+        try:
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(timeout_ms):
+                    self._drain(sock, handlers[sock])
+                self._tick(time.monotonic())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._sockets_open:
+            for sock in (self.front, self.back, self.bus_in, self.bus_out):
+                sock.close(linger=0)
+            self._sockets_open = False
+        if self._own_context:
+            self._context.term()
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:  # type: ignore[no-untyped-def]
+        recv = sock.recv_multipart
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except ProtocolError as exc:
+                self._drop("malformed", exc)
+
+    def _drop(self, reason: str, detail: object) -> None:
+        self.dropped[reason] += 1
+        log.warning("dropped a message (%s): %s", reason, detail)
+
+    # ------------------------------------------------------------------ clients
+
+    def _on_client(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise ProtocolError(f"{len(frames)} frames from a client")
+        client, header = frames[0], frames[1]
+        kind, request_id = parse_header(header)
+        if len(request_id) != REQUEST_ID_SIZE:
+            raise ProtocolError(f"{kind.name} without a request id")
+        if kind is Kind.SUBMIT:
+            if len(frames) != 4:
+                raise ProtocolError(f"SUBMIT with {len(frames)} frames")
+            self._submit(client, request_id, frames[1:])
+        elif kind is Kind.CANCEL:
+            self._cancel(client, request_id)
+        else:
+            raise ProtocolError(f"{kind.name} from a client")
+
+    def _submit(self, client: bytes, request_id: bytes, submit_frames: list[bytes]) -> None:
+        try:
+            model = submit_frames[1].decode()
+        except UnicodeDecodeError:
+            self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "model name is not UTF-8"))
+            return
+        if request_id in self._requests:
+            # A replayed or colliding id must not disturb the request that owns it.
+            self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "request id already in use"))
+            return
+        if not self._by_model.get(model):
+            served = ", ".join(sorted(self._by_model)) or "none"
+            message = f"model {model!r} is not served by any worker (served: {served})"
+            self._reply(client, error_frames(request_id, ErrorCode.MODEL_NOT_FOUND, message))
+            return
+        request = _Request(request_id, client, model, submit_frames)
+        self._requests[request_id] = request
+        if self._queues.get(model) or not self._dispatch(request):
+            self._enqueue(request)
+
+    def _enqueue(self, request: _Request, front: bool = False) -> None:
+        queue = self._queues.setdefault(request.model, deque())
+        if len(queue) >= self.config.max_queue and not front:
+            del self._requests[request.request_id]
+            message = f"every worker of {request.model!r} is busy and {len(queue)} requests are waiting"
+            self._reply(request.client, error_frames(request.request_id, ErrorCode.OVERLOADED, message))
+            return
+        if front:
+            queue.appendleft(request)
+        else:
+            queue.append(request)
+
+    def _cancel(self, client: bytes, request_id: bytes) -> None:
+        request = self._requests.get(request_id)
+        if request is None or request.client != client:
+            return  # already finished, or not this client's to cancel
+        self._finish(request)
+        if request.worker is None:
+            self._queues[request.model].remove(request)
+        else:
+            self._to_worker(request.worker, [pack_header(Kind.CANCEL, request_id)])
+
+    def _reply(self, client: bytes, frames: list[bytes]) -> bool:
+        """Sends to a client; False when it is gone or not reading."""
+        try:
+            self.front.send_multipart([client, *frames], zmq.NOBLOCK)
+            return True
+        except _ROUTING_ERRORS:
+            return False
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, request: _Request) -> bool:
+        """Sends the request to a worker with a free slot; False if there is none."""
+        workers = [
+            w
+            for w in self._by_model.get(request.model, ())
+            if len(w.inflight) < w.announcement.capacity and not w.announcement.draining
+        ]
+        while workers:
+            candidates = [
+                Candidate(w.worker_id, len(w.inflight), w.announcement.capacity, w.announcement.tokens_per_s)
+                for w in workers
+            ]
+            worker = workers.pop(self._policy(candidates, self._dispatch_state))
+            if self._to_worker(worker.worker_id, request.submit_frames):
+                worker.inflight.add(request.request_id)
+                request.worker = worker.worker_id
+                request.attempts += 1
+                return True
+        return False
+
+    def _to_worker(self, worker_id: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.back.send_multipart([worker_id, *frames], zmq.NOBLOCK)
+            return True
+        except _ROUTING_ERRORS:
+            return False  # not connected yet, or not reading: the heartbeat decides its fate
+
+    def _serve_queue(self, model: str) -> None:
+        queue = self._queues.get(model)
+        while queue:
+            if not self._dispatch(queue[0]):
+                return
+            queue.popleft()
+
+    def _finish(self, request: _Request) -> None:
+        """Forgets a request and frees its worker's slot."""
+        del self._requests[request.request_id]
+        worker = self._workers.get(request.worker) if request.worker else None
+        if worker is not None:
+            worker.inflight.discard(request.request_id)
+            for model in worker.announcement.models:
+                self._serve_queue(model)
+
+    # ------------------------------------------------------------------ workers
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise ProtocolError(f"{len(frames)} frames from a worker")
+        worker_id, header = frames[0], frames[1]
+        # Hot path: a token frame is forwarded after a dictionary look-up.
+        if header[:2] == _HEADER_TOKENS and len(frames) == 3 and len(header) == 2 + REQUEST_ID_SIZE:
+            request = self._requests.get(header[2:])
+            if request is not None and request.worker == worker_id:
+                request.started = True
+                if not self._reply(request.client, frames[1:]):
+                    self._abandon(request)
+                return
+            self._stale(worker_id, header[2:])
+            return
+        kind, request_id = parse_header(header)
+        worker = self._workers.get(worker_id)
+        if kind is Kind.BYE:
+            if worker is not None:
+                self._departed[worker_id] = worker.announcement.started_at
+                self._bury(worker, "it left")
+            return
+        if kind not in (Kind.TOKENS, Kind.DONE, Kind.ERROR) or len(frames) != 3:
+            raise ProtocolError(f"{kind.name} with {len(frames)} frames from a worker")
+        request = self._requests.get(request_id)
+        if request is None or request.worker != worker_id:
+            self._stale(worker_id, request_id)
+            return
+        if kind is Kind.TOKENS:
+            request.started = True
+        elif kind is Kind.ERROR:
+            reply = decode(frames[2], ErrorReply)
+            if reply.code is ErrorCode.WORKER_UNAVAILABLE and not request.started:
+                self._retry(request, worker)
+                return
+        if not self._reply(request.client, frames[1:]):
+            self._abandon(request)
+            return
+        if kind is not Kind.TOKENS:
+            self._finish(request)
+
+    def _stale(self, worker_id: bytes, request_id: bytes) -> None:
+        """A frame for a request this broker does not know (or gave to another worker): stop it."""
+        if request_id:
+            self.dropped["stale"] += 1
+            self._to_worker(worker_id, [pack_header(Kind.CANCEL, request_id)])
+
+    def _abandon(self, request: _Request) -> None:
+        """The client is gone or not reading: cancel its request on the worker."""
+        self.dropped["client_gone"] += 1
+        worker_id = request.worker
+        self._finish(request)
+        if worker_id is not None:
+            self._to_worker(worker_id, [pack_header(Kind.CANCEL, request.request_id)])
+
+    def _retry(self, request: _Request, worker: _Worker | None) -> None:
+        """Sends an unstarted request elsewhere, or reports it lost after max_attempts."""
+        if worker is not None:
+            worker.inflight.discard(request.request_id)
+        request.worker = None
+        if request.attempts >= self.config.max_attempts or not self._by_model.get(request.model):
+            del self._requests[request.request_id]
+            message = f"the worker serving {request.model!r} was lost before it answered"
+            self._reply(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
+        elif not self._dispatch(request):
+            self._enqueue(request, front=True)
+
+    def _bury(self, worker: _Worker, reason: str) -> None:
+        del self._workers[worker.worker_id]
+        self._index_models()
+        log.warning("worker %s is gone: %s", worker.worker_id.decode(errors="replace"), reason)
+        for request_id in list(worker.inflight):
+            request = self._requests[request_id]
+            if request.started:
+                del self._requests[request_id]
+                message = f"the worker serving {request.model!r} was lost mid-stream ({reason})"
+                self._reply(request.client, error_frames(request_id, ErrorCode.WORKER_LOST, message))
+            else:
+                self._retry(request, None)
+        worker.inflight.clear()
+        # Queued requests for a model nobody serves any more will never run.
+        for model in worker.announcement.models:
+            if not self._by_model.get(model):
+                for request in self._queues.pop(model, ()):
+                    del self._requests[request.request_id]
+                    message = f"model {request.model!r} is no longer served by any worker"
+                    self._reply(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
+        gone = WorkerGone(worker.worker_id.decode(errors="replace"), reason)
+        self._publish([pack_header(Kind.WORKER_GONE), encode(gone)])
+
+    def _index_models(self) -> None:
+        by_model: dict[str, list[_Worker]] = {}
+        for worker in self._workers.values():
+            for model in worker.announcement.models:
+                by_model.setdefault(model, []).append(worker)
+        self._by_model = by_model
+
+    # ------------------------------------------------------------------ bus
+
+    def _on_bus_in(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            raise ProtocolError(f"{len(frames)} frames on the bus")
+        kind, _ = parse_header(frames[0])
+        if kind is not Kind.ANNOUNCE:
+            raise ProtocolError(f"{kind.name} published by a worker")
+        announcement = decode(frames[1], Announcement)
+        if not announcement.worker_id or announcement.capacity < 1 or not announcement.models:
+            raise ProtocolError(f"announcement without id, capacity or models: {announcement}")
+        self._learn(announcement, frames)
+        self._publish(frames)
+
+    def _learn(self, announcement: Announcement, frames: list[bytes]) -> None:
+        worker_id = announcement.worker_id.encode()
+        if self._departed.get(worker_id) == announcement.started_at:
+            return  # a late announcement from a worker that has said BYE
+        self._departed.pop(worker_id, None)
+        now = time.monotonic()
+        worker = self._workers.get(worker_id)
+        if worker is None and announcement.draining:
+            return  # a draining worker takes no new work: no need to learn it
+        if worker is not None and worker.announcement.started_at != announcement.started_at:
+            self._bury(worker, "it restarted")  # its requests died with the old process
+            worker = None
+        if worker is None:
+            worker = self._workers[worker_id] = _Worker(worker_id, announcement, frames, now)
+            self._index_models()
+            log.info("worker %s joined serving %s", announcement.worker_id, ", ".join(announcement.models))
+        else:
+            models_changed = worker.announcement.models != announcement.models
+            worker.announcement, worker.announcement_frames, worker.last_seen = announcement, frames, now
+            if models_changed:
+                self._index_models()
+        for model in announcement.models:
+            self._serve_queue(model)
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        # XPUB delivers b"\x01<topic>" for each subscription: answer with a snapshot.
+        if frames and frames[0][:1] == b"\x01":
+            for worker in self._workers.values():
+                self._publish(worker.announcement_frames)
+            self._publish(self._beacon_frames(snapshot=True))
+
+    def _publish(self, frames: list[bytes]) -> None:
+        try:
+            self.bus_out.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped["bus_full"] += 1
+
+    def _beacon_frames(self, snapshot: bool = False) -> list[bytes]:
+        info = BrokerInfo(
+            version=__version__,
+            endpoints=self.endpoints.as_dict(),
+            dispatch_method=self.config.dispatch_method,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            workers=len(self._workers),
+            queued=sum(len(q) for q in self._queues.values()),
+            inflight=len(self._requests),
+            dropped=dict(self.dropped),
+            snapshot=snapshot,
+        )
+        return [pack_header(Kind.BEACON), encode(info)]
+
+    # ------------------------------------------------------------------ timers
+
+    def _tick(self, now: float) -> None:
+        for worker in [w for w in self._workers.values() if now - w.last_seen > self._expiry]:
+            self._bury(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
+        if now >= self._next_beacon:
+            self._next_beacon = now + self.config.heartbeat_interval
+            self._publish(self._beacon_frames())

@@ -1,0 +1,317 @@
+"""The asyncio client: one connection to the broker, shared by many concurrent requests.
+
+    async with MeshClient("tcp://127.0.0.1:21001") as client:
+        async for chunk in client.generate(GenerateRequest(model="smollm2-135m-instruct", prompt="Hi")):
+            print(chunk.text, end="")
+
+generate() yields deltas as the broker streams them and raises a MeshError
+subclass (mesh.errors) for a protocol error code, a timeout, or a broker that
+went away. Cancelling the task that consumes it, or leaving the loop early,
+cancels the request down to the engine. The client also listens to the
+discovery bus, so workers() and models() are a live view with no round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from mesh import transport
+from mesh.discovery import MeshView, expiry_after
+from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
+from mesh.errors import BrokerUnavailableError, MeshError, MeshTimeoutError, RequestError, error_for_code
+from mesh.protocol import (
+    Announcement,
+    BrokerInfo,
+    Done,
+    ErrorCode,
+    ErrorReply,
+    FinishReason,
+    GenerateRequest,
+    Kind,
+    ProtocolError,
+    TokenChunk,
+    TokenLogprob,
+    WorkerGone,
+    decode,
+    encode,
+    new_request_id,
+    pack_header,
+    parse_header,
+)
+from mesh.security import SecurityConfig
+
+log = logging.getLogger("mesh.client")
+
+#: Frames one request may have waiting unread before it is cancelled as too slow a reader.
+MAX_BUFFERED_FRAMES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A delta of one request; the last one has finish_reason, usage and worker_id set."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    worker_id: str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    worker_id: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class _Stream:
+    """Frames (or a failure) for one request, in arrival order."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[list[bytes] | MeshError] = asyncio.Queue()
+
+
+class MeshClient:
+    def __init__(
+        self,
+        broker_url: str = DEFAULT_BROKER_URL,
+        *,
+        security: SecurityConfig | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        """`timeout`: longest wait for any frame of a request (None: rely on liveness alone).
+        `connect_timeout`: longest wait for a broker never heard from before a request fails."""
+        self.endpoints = Endpoints.from_url(broker_url)
+        self.security = security or SecurityConfig()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.view = MeshView()
+        self._expiry = expiry_after()
+        self._streams: dict[bytes, _Stream] = {}
+        self._broker_info: BrokerInfo | None = None
+        self._broker_seen_at = 0.0
+        self._broker_heard = asyncio.Event()
+        self._snapshot_done = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._context: zmq.asyncio.Context | None = None
+
+    async def __aenter__(self) -> MeshClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._context = ctx = zmq.asyncio.Context()
+        self._front = transport.AsyncChannel(transport.connect(ctx, zmq.DEALER, self.endpoints.front, self.security))
+        self._bus = transport.AsyncChannel(transport.connect(ctx, zmq.SUB, self.endpoints.bus_out, self.security))
+        self._bus.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._tasks = [
+            asyncio.create_task(self._read_replies(), name="mesh-client-replies"),
+            asyncio.create_task(self._read_bus(), name="mesh-client-bus"),
+        ]
+
+    async def close(self) -> None:
+        for request_id in list(self._streams):
+            self._front.send([pack_header(Kind.CANCEL, request_id)])
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._context is not None:
+            await self._front.close()
+            await self._bus.close()
+            self._context.term()
+            self._context = None
+
+    # ------------------------------------------------------------------ the mesh, as seen from the bus
+
+    @property
+    def broker_alive(self) -> bool:
+        return self._broker_info is not None and time.monotonic() - self._broker_seen_at <= self._expiry
+
+    @property
+    def broker_info(self) -> BrokerInfo | None:
+        return self._broker_info
+
+    def workers(self) -> list[Announcement]:
+        return self.view.workers(time.monotonic())
+
+    def models(self) -> dict[str, list[Announcement]]:
+        return self.view.models(time.monotonic())
+
+    async def wait_for_broker(self, timeout: float | None = None) -> BrokerInfo:
+        """Waits for the broker's snapshot (every live worker, then a beacon)."""
+        try:
+            await asyncio.wait_for(self._snapshot_done.wait(), timeout or self.connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailableError(f"no broker answered at {self.endpoints.front}") from None
+        assert self._broker_info is not None
+        return self._broker_info
+
+    async def wait_for_models(self, names: Iterable[str], timeout: float = 10.0) -> None:
+        wanted = set(names)
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.models()):
+            if time.monotonic() > deadline:
+                missing = ", ".join(sorted(wanted - set(self.models())))
+                raise MeshTimeoutError(f"no worker serves {missing} after {timeout:.0f} s")
+            await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, request: GenerateRequest, *, timeout: float | None = None) -> AsyncIterator[Chunk]:
+        """Streams one request's deltas; the last chunk carries finish_reason and usage."""
+        await self._ensure_broker()
+        timeout = timeout if timeout is not None else self.timeout
+        request_id = new_request_id()
+        stream = self._streams[request_id] = _Stream()
+        self._front.send([pack_header(Kind.SUBMIT, request_id), request.model.encode(), encode(request)])
+        finished = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await stream.queue.get()
+                except TimeoutError:
+                    raise MeshTimeoutError(f"no answer from the mesh for {timeout} s") from None
+                if isinstance(item, MeshError):
+                    finished = True  # the request is gone on the mesh side already
+                    raise item
+                chunk = self._chunk(item)
+                if chunk.finish_reason is not None:
+                    finished = True
+                    yield chunk
+                    return
+                yield chunk
+        except RequestError:
+            finished = True
+            raise
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._context is not None:
+                self._front.send([pack_header(Kind.CANCEL, request_id)])
+
+    async def complete(self, request: GenerateRequest, *, timeout: float | None = None) -> Completion:
+        """Runs one request to its end and returns the whole text."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        async for chunk in self.generate(request, timeout=timeout):
+            texts.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs or ())
+            if chunk.finish_reason is not None:
+                assert chunk.usage is not None and chunk.worker_id is not None
+                return Completion("".join(texts), token_ids, chunk.finish_reason, chunk.usage, chunk.worker_id, logprobs)
+        raise AssertionError("a stream ended without a finish reason")
+
+    @staticmethod
+    def _chunk(frames: list[bytes]) -> Chunk:
+        kind, _ = parse_header(frames[0])
+        if kind is Kind.TOKENS:
+            tokens = decode(frames[1], TokenChunk)
+            return Chunk(tokens.text, tokens.token_ids, tokens.logprobs)
+        if kind is Kind.DONE:
+            done = decode(frames[1], Done)
+            usage = Usage(done.prompt_tokens, done.completion_tokens)
+            return Chunk(done.text, done.token_ids, done.logprobs, done.finish_reason, usage, done.worker_id)
+        if kind is Kind.ERROR:
+            reply = decode(frames[1], ErrorReply)
+            raise error_for_code(reply.code, reply.message)
+        raise ProtocolError(f"{kind.name} in a reply stream")
+
+    async def _ensure_broker(self) -> None:
+        if self.broker_alive:
+            return
+        if self._broker_info is not None:
+            raise BrokerUnavailableError(f"the broker at {self.endpoints.front} stopped answering")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._broker_heard.wait(), self.connect_timeout)
+        if not self.broker_alive:
+            raise BrokerUnavailableError(f"no broker answered at {self.endpoints.front}")
+
+    def _fail_all(self, error: MeshError) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+
+    # ------------------------------------------------------------------ reader tasks
+
+    async def _read_replies(self) -> None:
+        while True:
+            for frames in await self._front.receive_batch():
+                header = frames[0]
+                stream = self._streams.get(header[2:])
+                if stream is None:
+                    continue  # a request this client gave up on
+                if stream.queue.qsize() >= MAX_BUFFERED_FRAMES:
+                    stream.queue.put_nowait(RequestError("the request was cancelled: its reader fell too far behind"))
+                    self._front.send([pack_header(Kind.CANCEL, header[2:])])
+                    self._streams.pop(header[2:], None)
+                    continue
+                stream.queue.put_nowait(frames)
+
+    async def _read_bus(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._expiry / 3):
+                    batch = await self._bus.receive_batch()
+            except TimeoutError:
+                batch = []
+            now = time.monotonic()
+            for frames in batch:
+                try:
+                    self._on_bus(frames, now)
+                except ProtocolError as exc:
+                    log.warning("dropped a bus message: %s", exc)
+            if self._broker_info is not None and now - self._broker_seen_at > self._expiry and self._streams:
+                self._fail_all(BrokerUnavailableError("the broker stopped answering"))
+                self._streams.clear()
+
+    def _on_bus(self, frames: list[bytes], now: float) -> None:
+        if len(frames) != 2:
+            raise ProtocolError(f"{len(frames)} frames on the bus")
+        kind, _ = parse_header(frames[0])
+        if kind is Kind.ANNOUNCE:
+            self.view.apply(decode(frames[1], Announcement), now)
+        elif kind is Kind.WORKER_GONE:
+            self.view.remove(decode(frames[1], WorkerGone).worker_id)
+        elif kind is Kind.BEACON:
+            info = decode(frames[1], BrokerInfo)
+            previous = self._broker_info
+            if previous is not None and previous.started_at != info.started_at:
+                # A new broker: requests the old one held are lost, and so is its view.
+                self._fail_all(error_for_code(ErrorCode.WORKER_LOST, "the broker restarted"))
+                self._streams.clear()
+            self._broker_info, self._broker_seen_at = info, now
+            self._broker_heard.set()
+            if info.snapshot:
+                self._snapshot_done.set()
+        else:
+            raise ProtocolError(f"{kind.name} on the bus")

@@ -1,0 +1,66 @@
+"""Dispatch policies: pure functions that pick a worker for one request.
+
+Each policy takes the candidate workers (those that serve the model and have
+a free slot) as plain data and returns the index of its choice. State a
+policy needs between calls (a round-robin turn, a random generator) is
+passed in by its owner, the broker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+DispatchMethod = Literal["shortest_queue", "lottery", "round_robin"]
+DISPATCH_METHODS: tuple[DispatchMethod, ...] = ("shortest_queue", "lottery", "round_robin")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    worker_id: bytes
+    inflight: int
+    capacity: int
+    tokens_per_s: float
+
+
+@dataclass(slots=True)
+class DispatchState:
+    """What the policies remember between calls; one per broker."""
+
+    rng: random.Random
+    turn: int = 0
+
+
+Policy = Callable[[Sequence[Candidate], DispatchState], int]
+
+
+def shortest_queue(candidates: Sequence[Candidate], state: DispatchState) -> int:
+    """The lowest in-flight over capacity; ties go to the fastest, then the first."""
+    return min(
+        range(len(candidates)),
+        key=lambda i: (candidates[i].inflight / max(candidates[i].capacity, 1), -candidates[i].tokens_per_s),
+    )
+
+
+def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
+    """Random, weighted by measured speed (workers not yet measured count as the mean)."""
+    speeds = [c.tokens_per_s for c in candidates]
+    measured = [s for s in speeds if s > 0]
+    fallback = sum(measured) / len(measured) if measured else 1.0
+    weights = [s if s > 0 else fallback for s in speeds]
+    return state.rng.choices(range(len(candidates)), weights=weights)[0]
+
+
+def round_robin(candidates: Sequence[Candidate], state: DispatchState) -> int:
+    choice = state.turn % len(candidates)
+    state.turn += 1
+    return choice
+
+
+POLICIES: dict[str, Policy] = {
+    "shortest_queue": shortest_queue,
+    "lottery": lottery,
+    "round_robin": round_robin,
+}

@@ -1,0 +1,106 @@
+"""The Engine interface a worker drives, and the settings every backend reads."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine settings from `mesh worker`; each backend reads the ones it needs."""
+
+    backend: str = "transformers"
+    model_path: str | None = None
+    model_names: tuple[str, ...] = ()
+    capacity: int = 16
+    device: str = "cpu"
+    dtype: str = "auto"
+    #: Seed for requests that bring none; None: such requests get a random one.
+    seed: int | None = None
+    #: transformers: run each request's forward pass alone (bitwise reproducible, slower).
+    deterministic: bool = False
+    #: Where converted models are cached (None: $LLM_MESH_CACHE or $XDG_CACHE_HOME/llm-mesh/models).
+    cache_dir: str | None = None
+    # synthetic
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    quantization: str | None = None
+    enforce_eager: bool = False
+    engine_args: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """What one engine step gave one request: a delta; the last one has a finish reason."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+
+
+class EngineError(Exception):
+    """A request the engine refuses or cannot finish; the client receives `code` and the message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Engine(abc.ABC):
+    """A model behind a worker.
+
+    generate() yields one EngineOutput per engine step for one request and
+    ends after the output that carries a finish reason. Closing the iterator
+    early (the task that consumes it is cancelled) must free the request's
+    slot, as abort() does.
+    """
+
+    #: The name `mesh worker --backend` knows it by.
+    backend: str = ""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @property
+    @abc.abstractmethod
+    def model_names(self) -> list[str]:
+        """The names (aliases included) this engine serves; known after start()."""
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus output tokens the model can hold; 0 if unknown."""
+        return 0
+
+    async def start(self) -> None:
+        """Loads the model; the worker announces itself only after this returns."""
+
+    async def stop(self) -> None:
+        """Frees what start() took."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
+        """Streams the request's deltas; raises EngineError for a request it refuses."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stops a request early; a no-op for one that has finished."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats()

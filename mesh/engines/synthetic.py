@@ -1,0 +1,85 @@
+"""The synthetic engine: for benchmarks and fault tests only, never a model.
+
+It emits deterministic pseudo-words derived from the prompt and the seed,
+after --ttft-ms and then every --itl-ms, so that a benchmark measures the
+mesh's own overhead and a fault test is not slowed by a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator
+
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.protocol import ErrorCode, FinishReason, GenerateRequest
+
+SYNTHETIC_CONTEXT_LENGTH = 4096
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+
+
+def _prompt_text(request: GenerateRequest) -> str:
+    if request.messages is not None:
+        return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+    if request.prompt_token_ids is not None:
+        return " ".join(map(str, request.prompt_token_ids))
+    return request.prompt or ""
+
+
+class SyntheticEngine(Engine):
+    backend = "synthetic"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._running = 0
+        self._seeds = random.Random()
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.config.model_names) or ["synthetic"]
+
+    @property
+    def context_length(self) -> int:
+        return SYNTHETIC_CONTEXT_LENGTH
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running)
+
+    async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
+        prompt = _prompt_text(request)
+        prompt_tokens = len(request.prompt_token_ids or prompt.split()) or 1
+        if prompt_tokens + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
+            raise EngineError(
+                ErrorCode.BAD_REQUEST,
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the context length ({SYNTHETIC_CONTEXT_LENGTH})",
+            )
+        seed = request.seed if request.seed is not None else self.config.seed
+        if seed is None:
+            seed = self._seeds.getrandbits(63)
+        digest = hashlib.blake2b(f"{seed}\x00{prompt}".encode(), digest_size=8).digest()
+        rng = random.Random(int.from_bytes(digest, "little"))
+        self._running += 1
+        try:
+            if request.echo:
+                yield EngineOutput(text=prompt)
+            if self.config.ttft_ms:
+                await asyncio.sleep(self.config.ttft_ms / 1000)
+            for produced in range(1, request.max_tokens + 1):
+                token_id = rng.randrange(len(_WORDS))
+                output = EngineOutput(text=" " + _WORDS[token_id], token_ids=[token_id])
+                if produced == request.max_tokens:
+                    output.finish_reason = FinishReason.LENGTH
+                    output.prompt_tokens, output.completion_tokens = prompt_tokens, produced
+                    yield output
+                    return
+                yield output
+                # Yield to the loop between steps even with no delay, as a real engine would.
+                await asyncio.sleep(self.config.itl_ms / 1000)
+            yield EngineOutput(finish_reason=FinishReason.LENGTH, prompt_tokens=prompt_tokens)
+        finally:
+            self._running -= 1

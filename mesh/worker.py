@@ -1,0 +1,260 @@
+"""The worker runtime: one engine behind a DEALER to the broker and a PUB on the bus.
+
+It runs each request the broker sends as a task that streams the engine's
+steps back (one frame per step), enforces the capacity, announces its load
+on the bus (on every change, rate-limited, and every heartbeat), and drains
+on SIGTERM: it stops taking work, lets in-flight requests finish within the
+drain timeout, then cancels the rest.
+
+A broker restart needs no special handling: ZeroMQ reconnects both sockets,
+the next heartbeat announces the worker to the new broker, and frames for
+requests the new broker never sent are answered with a CANCEL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from mesh import __version__, transport
+from mesh.discovery import HEARTBEAT_INTERVAL
+from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
+from mesh.engines import Engine, EngineConfig, EngineError, EngineOutput
+from mesh.protocol import (
+    REQUEST_ID_SIZE,
+    Announcement,
+    Done,
+    ErrorCode,
+    GenerateRequest,
+    Kind,
+    ProtocolError,
+    TokenChunk,
+    decode,
+    encode,
+    error_frames,
+    pack_header,
+    parse_header,
+)
+from mesh.security import SecurityConfig
+
+log = logging.getLogger("mesh.worker")
+
+#: Shortest gap between two load announcements (heartbeats aside).
+LOAD_ANNOUNCE_MIN_INTERVAL = 0.05
+#: Window over which tokens/s is measured.
+SPEED_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    broker_url: str = DEFAULT_BROKER_URL
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str = ""
+    drain_timeout: float = 30.0
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+
+class _SpeedMeter:
+    """Tokens per second over a sliding window of busy time."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, int]] = []
+        self._last_rate = 0.0
+
+    def add(self, tokens: int, now: float) -> None:
+        self._samples.append((now, tokens))
+
+    def rate(self, now: float) -> float:
+        """The recent rate; an idle worker keeps its last measured speed."""
+        self._samples = [s for s in self._samples if now - s[0] <= SPEED_WINDOW_S]
+        span = now - self._samples[0][0] if self._samples else 0.0
+        if span >= 0.5:
+            self._last_rate = sum(n for _, n in self._samples) / span
+        return self._last_rate
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.endpoints = Endpoints.from_url(config.broker_url)
+        self._active: dict[bytes, asyncio.Task[None]] = {}
+        self._draining = False
+        self._stopping = asyncio.Event()
+        self._load_changed = asyncio.Event()
+        self._speed = _SpeedMeter()
+        self._tokens_per_s = 0.0
+        self._seq = 0
+        self._started_at = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Starts the engine, serves until stop() (or SIGTERM), then drains and closes."""
+        await self.engine.start()
+        self._models = self.engine.model_names
+        ctx = zmq.asyncio.Context()
+        security = self.config.security
+        self._back = transport.AsyncChannel(
+            transport.connect(ctx, zmq.DEALER, self.endpoints.back, security, self.worker_id.encode())
+        )
+        bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, security)
+        self._bus = zmq.Socket.shadow(bus.underlying)  # publishes never wait: a plain socket will do
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="worker-receive"),
+            asyncio.create_task(self._announce_loop(), name="worker-announce"),
+        ]
+        log.info("worker %s serving %s (%s)", self.worker_id, ", ".join(self._models), self.engine.backend)
+        try:
+            await self._stopping.wait()
+            await self._drain()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._back.close()
+            bus.close(linger=0)
+            ctx.term()
+            await self.engine.stop()
+
+    def stop(self) -> None:
+        """Begins a graceful stop: no new work, in-flight work drains."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        self._publish_announcement()  # the broker stops dispatching here
+        if self._active:
+            log.info("draining %d request(s) for up to %.0f s", len(self._active), self.config.drain_timeout)
+            await asyncio.wait(list(self._active.values()), timeout=self.config.drain_timeout)
+        for request_id, task in list(self._active.items()):
+            task.cancel()
+            self._back.send(error_frames(request_id, ErrorCode.WORKER_LOST, "the worker shut down", self.worker_id))
+        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        self._back.send([pack_header(Kind.BYE)])
+        # Give the last frames a moment to leave before the sockets close.
+        deadline = time.monotonic() + 1.0
+        while self._back.backlog and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _receive_loop(self) -> None:
+        while True:
+            for frames in await self._back.receive_batch():
+                try:
+                    self._on_message(frames)
+                except ProtocolError as exc:
+                    log.warning("dropped a message from the broker: %s", exc)
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        kind, request_id = parse_header(frames[0])
+        if len(request_id) != REQUEST_ID_SIZE:
+            raise ProtocolError(f"{kind.name} without a request id")
+        if kind is Kind.CANCEL:
+            task = self._active.get(request_id)
+            if task is not None:
+                task.cancel()
+            return
+        if kind is not Kind.SUBMIT or len(frames) != 3:
+            raise ProtocolError(f"{kind.name} with {len(frames)} frames")
+        if request_id in self._active:
+            return  # a duplicate delivery; the first one is being served
+        try:
+            request = decode(frames[2], GenerateRequest)
+        except ProtocolError as exc:
+            self._back.send(error_frames(request_id, ErrorCode.BAD_REQUEST, str(exc), self.worker_id))
+            return
+        if self._draining or len(self._active) >= self.engine.config.capacity:
+            reason = "draining" if self._draining else "full"
+            self._back.send(error_frames(request_id, ErrorCode.WORKER_UNAVAILABLE, reason, self.worker_id))
+            return
+        if request.seed is None and self.engine.config.seed is not None:
+            request.seed = self.engine.config.seed
+        task = asyncio.get_running_loop().create_task(self._serve(request_id, request))
+        self._active[request_id] = task
+        self._load_changed.set()
+
+    async def _serve(self, request_id: bytes, request: GenerateRequest) -> None:
+        send = self._back.send
+        tokens_header = pack_header(Kind.TOKENS, request_id)
+        try:
+            async for output in self.engine.generate(request, request_id.hex()):
+                if output.finish_reason is not None:
+                    send([pack_header(Kind.DONE, request_id), encode(self._done(output))])
+                    break
+                if output.text or output.token_ids:
+                    send([tokens_header, encode(TokenChunk(output.text, output.token_ids, output.logprobs))])
+                    self._speed.add(len(output.token_ids), time.monotonic())
+        except asyncio.CancelledError:
+            await self.engine.abort(request_id.hex())
+            raise
+        except EngineError as exc:
+            send(error_frames(request_id, exc.code, exc.message, self.worker_id))
+        except Exception as exc:
+            log.exception("request %s failed", request_id.hex())
+            send(error_frames(request_id, ErrorCode.INTERNAL, f"engine failure: {exc}", self.worker_id))
+        finally:
+            self._active.pop(request_id, None)
+            self._load_changed.set()
+
+    def _done(self, output: EngineOutput) -> Done:
+        self._speed.add(len(output.token_ids), time.monotonic())
+        return Done(
+            output.finish_reason,  # type: ignore[arg-type]
+            output.prompt_tokens,
+            output.completion_tokens,
+            self.worker_id,
+            output.text,
+            output.token_ids,
+            output.logprobs,
+        )
+
+    # ------------------------------------------------------------------ announcements
+
+    async def _announce_loop(self) -> None:
+        interval = self.config.heartbeat_interval
+        while True:
+            self._publish_announcement()
+            self._load_changed.clear()
+            try:
+                await asyncio.wait_for(self._load_changed.wait(), interval)
+                await asyncio.sleep(LOAD_ANNOUNCE_MIN_INTERVAL)  # rate limit: coalesce bursts of changes
+            except TimeoutError:
+                pass
+
+    def _publish_announcement(self) -> None:
+        self._seq += 1
+        stats = self.engine.stats()
+        announcement = Announcement(
+            worker_id=self.worker_id,
+            models=self._models,
+            backend=self.engine.backend,
+            capacity=self.engine.config.capacity,
+            inflight=len(self._active),
+            waiting=stats.waiting,
+            tokens_per_s=round(self._speed.rate(time.monotonic()), 1),
+            context_length=self.engine.context_length,
+            version=__version__,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            seq=self._seq,
+            draining=self._draining,
+        )
+        try:
+            self._bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(announcement)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the next heartbeat will do
