@@ -1,0 +1,1 @@
+"""llm-mesh benchmarks: `python -m bench SUITE --out DIR` (see bench/README.md)."""
