@@ -46,7 +46,7 @@ from mesh.protocol import (
     pack_header,
     parse_header,
 )
-from mesh.security import SecurityConfig, check_bind_allowed
+from mesh.security import SecurityConfig, check_bind_allowed, gatekeeper_for
 
 log = logging.getLogger("mesh.broker")
 
@@ -99,6 +99,8 @@ class Broker:
         check_bind_allowed(self.endpoints, config.security)
         self._own_context = context is None
         self._context = context or zmq.Context()
+        # CURVE's ZAP handler must live on the same context as the sockets it guards.
+        self._gatekeeper = gatekeeper_for(self._context, config.security)
         self._policy = POLICIES[config.dispatch_method]
         self._dispatch_state = DispatchState(rng=random.Random(config.seed))
         self._expiry = expiry_after(config.heartbeat_interval, config.heartbeat_liveness)
@@ -120,6 +122,8 @@ class Broker:
     def bind(self) -> None:
         security = self.config.security
         ctx = self._context
+        if self._gatekeeper is not None:
+            self._gatekeeper.start()  # before any bind: a handshake without a ZAP handler is refused
         self.front = transport.bind(ctx, zmq.ROUTER, self.endpoints.front, security, "clients")
         self.back = transport.bind(ctx, zmq.ROUTER, self.endpoints.back, security, "workers")
         self.bus_in = transport.bind(ctx, zmq.XSUB, self.endpoints.bus_in, security, "workers")
@@ -161,6 +165,8 @@ class Broker:
             for sock in (self.front, self.back, self.bus_in, self.bus_out):
                 sock.close(linger=0)
             self._sockets_open = False
+        if self._gatekeeper is not None:
+            self._gatekeeper.stop()
         if self._own_context:
             self._context.term()
 

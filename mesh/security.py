@@ -2,24 +2,59 @@
 
 A mesh that binds only loopback needs nothing. Binding anywhere else requires
 CURVE keys (``--keys DIR``) or an explicit ``--insecure``.
+
+Key folders (made by ``mesh keys init``; each process gets exactly one):
+
+    DIR/broker/                      mesh broker --keys DIR/broker
+        broker.key, broker.key_secret    the broker's key pair
+        allow/workers/NAME.key           public keys admitted on back and bus_in
+        allow/clients/NAME.key           public keys admitted on front and bus_out
+    DIR/workers/NAME/                mesh worker --keys DIR/workers/NAME
+    DIR/clients/NAME/                mesh status|generate|gateway --keys DIR/clients/NAME
+        node.key, node.key_secret        this node's key pair
+        broker.key                       the broker's public key (verified by CURVE itself)
+
+The broker runs one ZAP authenticator on the context of its sockets; every
+bound socket's ZAP domain is its role ("workers" or "clients"), checked
+against that role's allow-list. The allow-lists are re-read when their files
+change (checked on each handshake), so adding or removing a key needs no
+restart; a peer already connected stays connected until it reconnects.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from mesh.endpoints import Endpoints
 
+log = logging.getLogger("mesh.security")
+
 #: The ZAP domain (and allow-list) that guards each kind of peer.
 Role = Literal["workers", "clients"]
+ROLES: tuple[Role, ...] = ("workers", "clients")
+
+BROKER_KEY = "broker"  # broker.key / broker.key_secret
+NODE_KEY = "node"  # node.key / node.key_secret
+ALLOW_DIR = "allow"
+#: Seconds between two log lines about the same refused key (each refusal is counted).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class InsecureBindError(RuntimeError):
     """A non-loopback bind with neither keys nor --insecure."""
+
+
+class KeyMaterialError(ValueError):
+    """A --keys folder that lacks what this process needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +78,187 @@ def check_bind_allowed(endpoints: Endpoints, security: SecurityConfig) -> None:
     )
 
 
+# --------------------------------------------------------------------------- key files
+
+
+def _load(path: Path, *, secret: bool, what: str) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise KeyMaterialError(f"{what}: {path} is missing")
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeyMaterialError(f"{what}: cannot read {path}: {exc}") from None
+    if secret and secret_key is None:
+        raise KeyMaterialError(f"{what}: {path} holds no secret key")
+    return public, secret_key
+
+
+def load_broker_keys(keys_dir: Path) -> tuple[bytes, bytes]:
+    """The broker's (public, secret) key pair from its folder."""
+    path = keys_dir / f"{BROKER_KEY}.key_secret"
+    if not path.is_file() and (keys_dir / f"{NODE_KEY}.key_secret").is_file():
+        raise KeyMaterialError(f"{keys_dir} holds a node's keys; the broker needs DIR/broker from `mesh keys init`")
+    public, secret = _load(path, secret=True, what="broker keys")
+    assert secret is not None
+    return public, secret
+
+
+def load_node_keys(keys_dir: Path) -> tuple[bytes, bytes, bytes]:
+    """A worker's or client's (public, secret, broker public) keys from its folder."""
+    path = keys_dir / f"{NODE_KEY}.key_secret"
+    if not path.is_file() and (keys_dir / f"{BROKER_KEY}.key_secret").is_file():
+        raise KeyMaterialError(
+            f"{keys_dir} holds the broker's keys; a worker or client needs DIR/workers/NAME or DIR/clients/NAME"
+        )
+    public, secret = _load(path, secret=True, what="node keys")
+    broker_public, _ = _load(keys_dir / f"{BROKER_KEY}.key", secret=False, what="the broker's public key")
+    assert secret is not None
+    return public, secret, broker_public
+
+
+def allow_list_dir(keys_dir: Path, role: Role) -> Path:
+    return keys_dir / ALLOW_DIR / role
+
+
+def read_allow_list(folder: Path) -> frozenset[bytes]:
+    """The z85 public keys of every *.key file in an allow-list folder (unreadable files are skipped)."""
+    keys: set[bytes] = set()
+    for path in sorted(folder.glob("*.key")) if folder.is_dir() else ():
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            log.error("ignoring allow-list entry %s: %s", path, exc)
+            continue
+        keys.add(public)
+    return frozenset(keys)
+
+
+def _folder_signature(folder: Path) -> tuple[object, ...]:
+    """Changes whenever a key file is added, removed or rewritten."""
+    try:
+        entries = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.key"))
+        return (folder.stat().st_mtime_ns, tuple(entries))
+    except OSError:
+        return ()
+
+
+# --------------------------------------------------------------------------- sockets
+
+
 def secure_server(socket: zmq.Socket, security: SecurityConfig, role: Role) -> None:
     """Makes a bound socket a CURVE server that admits only `role`'s allow-list."""
-    if security.curve:
-        raise NotImplementedError("CURVE keys are not supported yet")
+    if not security.curve:
+        return
+    assert security.keys_dir is not None
+    public, secret = load_broker_keys(security.keys_dir)
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_server = True
+    # The ZAP handler (Gatekeeper) checks the peer against this domain's list.
+    socket.zap_domain = role.encode()
 
 
 def secure_client(socket: zmq.Socket, security: SecurityConfig) -> None:
     """Makes a connecting socket a CURVE client with this node's keys."""
-    if security.curve:
-        raise NotImplementedError("CURVE keys are not supported yet")
+    if not security.curve:
+        return
+    assert security.keys_dir is not None
+    public, secret, broker_public = load_node_keys(security.keys_dir)
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    # CURVE refuses a server without this secret key: the broker is verified by construction.
+    socket.curve_serverkey = broker_public
+
+
+# --------------------------------------------------------------------------- ZAP
+
+
+class _AllowList:
+    """One role's admitted keys, re-read when its folder changes; called on the ZAP thread."""
+
+    def __init__(self, role: Role, folder: Path) -> None:
+        self.role = role
+        self.folder = folder
+        self._signature: tuple[object, ...] | None = None
+        self._keys: frozenset[bytes] = frozenset()
+        self._lock = threading.Lock()
+        self._refused: dict[bytes, tuple[float, int]] = {}  # key -> (last logged, refusals since)
+        self.refusals = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        with self._lock:
+            signature = _folder_signature(self.folder)
+            if signature == self._signature:
+                return
+            first = self._signature is None
+            self._signature = signature
+            keys = read_allow_list(self.folder)
+            if not first and keys != self._keys:
+                log.info("allow-list %s reloaded: %d key(s)", self.role, len(keys))
+            self._keys = keys
+
+    @property
+    def size(self) -> int:
+        return len(self._keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        self.refresh()
+        if key in self._keys:
+            return True
+        self._log_refusal(key)
+        return False
+
+    def _log_refusal(self, key: bytes) -> None:
+        # Every refusal is counted; a peer retrying in a loop is logged once per interval.
+        self.refusals += 1
+        now = time.monotonic()
+        last, since = self._refused.get(key, (float("-inf"), 0))
+        if now - last >= REFUSAL_LOG_INTERVAL:
+            more = f" ({since} more refusal(s) since the last report)" if since else ""
+            log.warning(
+                "refused a connection on %s: public key %s is not on allow/%s%s",
+                self.role, key.decode(errors="replace"), self.role, more,
+            )
+            self._refused[key] = (now, 0)
+        else:
+            self._refused[key] = (last, since + 1)
+
+
+class Gatekeeper:
+    """The broker's ZAP authenticator: one allow-list per role, on the broker's own context.
+
+    start() must run before the first bind (ZAP requests to a missing handler
+    are refused), and stop() before the context terminates.
+    """
+
+    def __init__(self, context: zmq.Context, keys_dir: Path) -> None:
+        load_broker_keys(keys_dir)  # fail at start-up, with a clear message, not at the first handshake
+        self.allow_lists = {role: _AllowList(role, allow_list_dir(keys_dir, role)) for role in ROLES}
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("mesh.security.zap"))
+        self._started = False
+
+    def start(self) -> None:
+        self._auth.start()
+        for role, allow_list in self.allow_lists.items():
+            self._auth.configure_curve_callback(role, allow_list)
+        self._started = True
+        counts = ", ".join(f"{a.size} {role}" for role, a in self.allow_lists.items())
+        log.info("CURVE on: admitting %s", counts)
+
+    def stop(self) -> None:
+        if self._started:
+            self._auth.stop()
+            self._started = False
+
+    @property
+    def refusals(self) -> int:
+        return sum(a.refusals for a in self.allow_lists.values())
+
+
+def gatekeeper_for(context: zmq.Context, security: SecurityConfig) -> Gatekeeper | None:
+    """The broker's authenticator when it runs with keys; None on a plain mesh."""
+    if not security.curve:
+        return None
+    assert security.keys_dir is not None
+    return Gatekeeper(context, security.keys_dir)
