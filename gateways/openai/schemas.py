@@ -1,0 +1,248 @@
+"""The OpenAI API as pydantic models: they validate requests and generate /openapi.json.
+
+Request models accept extra fields (the SDK and tools built on it send some we
+do not know); `unsupported_parameters` then names the ones we know and cannot
+honour, so they are refused rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+#: Most choices one request may ask for (n times the number of prompts).
+MAX_CHOICES = 128
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, description="same seed and request, same text")]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageParam(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class _SamplingParams(_Request):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, description="extension: -1 or 0 for off")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, description="extension")
+    ignore_eos: bool = Field(default=False, description="extension")
+    seed: Seed | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_SamplingParams):
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+
+
+class CompletionRequest(_SamplingParams):
+    prompt: Prompt
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+#: Parameters of the OpenAI API (and of vLLM's extensions) that this gateway
+#: cannot honour, each with the test for the value that asks for nothing.
+_UNSUPPORTED: dict[str, Any] = {
+    "tools": _is_off,
+    "tool_choice": lambda v: _is_off(v) or v == "none",
+    "functions": _is_off,
+    "function_call": lambda v: _is_off(v) or v == "none",
+    "logit_bias": _is_off,
+    "response_format": lambda v: _is_off(v) or (isinstance(v, dict) and v.get("type") == "text"),
+    "audio": _is_off,
+    "modalities": lambda v: _is_off(v) or v == ["text"],
+    "prediction": _is_off,
+    "web_search_options": _is_off,
+    "reasoning_effort": _is_off,
+    "best_of": lambda v: _is_off(v) or v == 1,
+    "suffix": _is_off,
+    "min_p": lambda v: _is_off(v) or v == 0,
+    "min_tokens": lambda v: _is_off(v) or v == 0,
+    "use_beam_search": _is_off,
+    "guided_json": _is_off,
+    "guided_regex": _is_off,
+    "guided_choice": _is_off,
+    "guided_grammar": _is_off,
+    "echo_chat": _is_off,
+}
+
+
+def unsupported_parameters(request: BaseModel) -> list[str]:
+    """Names of parameters in the request that ask for something this gateway cannot do."""
+    extra = request.model_extra or {}
+    return sorted(name for name, is_off in _UNSUPPORTED.items() if name in extra and not is_off(extra[name]))
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprobItem(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobItem(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprobItem]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatLogprobItem] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+FinishReasonName = Literal["stop", "length", "abort"]
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One SSE event of a streamed chat completion (documentation: the stream is written by hand)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReasonName | None
+
+
+class Completion(_Response):
+    """A completion; a streamed one is a series of these with `object` `text_completion` too."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llm-mesh"
+    max_model_len: int | None = Field(default=None, description="extension: the context length, when known")
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+class Health(_Response):
+    status: Literal["ok", "unavailable"]
+    workers: int
+    models: list[str]

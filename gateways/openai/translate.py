@@ -1,0 +1,166 @@
+"""OpenAI requests into mesh GenerateRequests: pure functions, one decision each.
+
+A request becomes one GenerateRequest per choice. Completions with a list of
+prompts get n choices per prompt, numbered prompt-major (OpenAI's order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateways.openai.errors import ApiError, bad_request
+from gateways.openai.schemas import (
+    INT64_MAX,
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    ChatMessageParam,
+    CompletionRequest,
+    unsupported_parameters,
+)
+from mesh.protocol import ChatMessage, GenerateRequest
+
+#: OpenAI's default for /v1/completions.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What the bus says about a model: its largest announced context (0: unknown)."""
+
+    context_length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    #: Choices that share a prompt count its tokens once in usage.
+    prompt_group: int
+    request: GenerateRequest
+
+
+def check_common(request: ChatCompletionRequest | CompletionRequest) -> None:
+    unsupported = unsupported_parameters(request)
+    if unsupported:
+        names = ", ".join(unsupported)
+        raise bad_request(f"unsupported parameter{'s' if len(unsupported) > 1 else ''}: {names}", unsupported[0])
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of n uses seed + i, wrapped into int64 so that every choice stays valid."""
+    if seed is None:
+        return None
+    value = seed + index
+    return value - 2**64 if value > INT64_MAX else value
+
+
+def resolve_max_tokens(
+    max_tokens: int | None, max_completion_tokens: int | None, default: int, limits: ModelLimits,
+    known_prompt_tokens: int = 0,
+) -> int:
+    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
+        raise bad_request("max_tokens and max_completion_tokens disagree; send only one", "max_tokens")
+    explicit = max_completion_tokens if max_completion_tokens is not None else max_tokens
+    context = limits.context_length
+    if explicit is None:
+        # Unknown prompt length (text): leave room for it by taking at most half the context.
+        room = context - known_prompt_tokens if known_prompt_tokens else context // 2
+        return max(1, min(default, room)) if context else default
+    param = "max_completion_tokens" if max_completion_tokens is not None else "max_tokens"
+    if context and known_prompt_tokens + explicit > context:
+        what = f"the prompt ({known_prompt_tokens} tokens) plus {param}" if known_prompt_tokens else param
+        raise ApiError(
+            400, f"{what} ({explicit}) exceeds the model's context length ({context})", param=param,
+            code="context_length_exceeded",
+        )
+    return explicit
+
+
+def _sampling(request: ChatCompletionRequest | CompletionRequest) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "model": request.model,
+        "stop": stop_list(request.stop),
+        "ignore_eos": request.ignore_eos,
+        "user": request.user,
+    }
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = getattr(request, name)
+        if value is not None:
+            fields[name] = value
+    if request.top_k is not None and request.top_k > 0:
+        fields["top_k"] = request.top_k
+    if request.stop_token_ids:
+        fields["stop_token_ids"] = list(request.stop_token_ids)
+    return fields
+
+
+def _message_text(message: ChatMessageParam) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_max_tokens: int) -> list[Choice]:
+    check_common(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    max_tokens = resolve_max_tokens(request.max_tokens, request.max_completion_tokens, default_max_tokens, limits)
+    messages = [
+        ChatMessage("system" if m.role == "developer" else m.role, _message_text(m), m.name)
+        for m in request.messages
+    ]
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    sampling = _sampling(request)
+    return [
+        Choice(
+            i, 0,
+            GenerateRequest(
+                messages=messages, max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=logprobs,
+                **sampling,  # type: ignore[arg-type]
+            ),
+        )
+        for i in range(request.n)
+    ]
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    if any(isinstance(p, list) and not p for p in prompt):
+        raise bad_request("a token-id prompt must not be empty", "prompt")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[Choice]:
+    check_common(request)
+    prompts = _prompts(request.prompt)
+    if len(prompts) * request.n > MAX_CHOICES:
+        raise bad_request(f"at most {MAX_CHOICES} choices per request (prompts times n)", "n")
+    sampling = _sampling(request)
+    choices: list[Choice] = []
+    for group, prompt in enumerate(prompts):
+        known = len(prompt) if isinstance(prompt, list) else 0
+        max_tokens = resolve_max_tokens(request.max_tokens, None, COMPLETION_DEFAULT_MAX_TOKENS, limits, known)
+        text, ids = (None, prompt) if isinstance(prompt, list) else (prompt, None)
+        for j in range(request.n):
+            index = group * request.n + j
+            generate = GenerateRequest(
+                prompt=text, prompt_token_ids=ids, max_tokens=max_tokens, seed=choice_seed(request.seed, j),
+                logprobs=request.logprobs, echo=request.echo,
+                **sampling,  # type: ignore[arg-type]
+            )
+            choices.append(Choice(index, group, generate))
+    return choices
