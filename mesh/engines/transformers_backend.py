@@ -1,0 +1,394 @@
+"""`--backend transformers`: a Hugging Face causal LM with continuous batching, CPU or CUDA.
+
+One engine loop (an asyncio task) owns the model. Each iteration it drops
+requests that finished or were cancelled, prefills the requests that arrived
+(each alone, so its first token is ready at once), merges them into the running
+batch, and runs one decode step for every running request together. The
+blocking torch work runs on one dedicated thread, so the worker's event loop
+keeps serving sockets meanwhile. A request therefore joins at the next step
+and leaves as soon as it is done; `--capacity` bounds the batch.
+
+KV cache: see `mesh.engines.batching` (left-padded rows, explicit positions,
+rows dropped and columns trimmed as requests leave).
+
+Reproducibility: each request samples on its own seeded CPU generator
+(`mesh.engines.sampling`), so the same seed gives the same tokens whenever its
+logits are the same. In a batch, padding and batch size can change float
+rounding in the forward pass; `--deterministic` runs every request's forward
+alone (its own batch of one), which makes its logits, and so its tokens,
+bitwise those of a lone run, at a throughput cost.
+
+Outputs: each step appends to a per-request pending delta; the request's
+consumer takes whatever has accumulated, so a slow consumer receives several
+tokens in one output instead of holding the batch back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from mesh.engines import sampling
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.engines.batching import BatchState
+from mesh.engines.detokenize import IncrementalDetokenizer
+from mesh.engines.stop import StopMatcher
+from mesh.models import ModelError, resolve_model
+from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
+
+log = logging.getLogger("mesh.engines.transformers")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's state. The engine loop (and its thread) write it; the consumer reads `pending`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: sampling.SamplingParams
+    generator: torch.Generator
+    counts: sampling.TokenCounts | None
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    stop_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    batch: BatchState | None = None
+    pending: EngineOutput = field(default_factory=EngineOutput)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: bool = False
+    cancelled: bool = False
+    #: Set when a step failed; the consumer raises it as an internal error.
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Token:
+    """What the step thread decided for one sequence in one step."""
+
+    seq: _Sequence
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class TransformersEngine(Engine):
+    backend = "transformers"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._names: list[str] = []
+        self._context_length = 0
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[str, _Sequence] = {}
+        self._batches: list[BatchState] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def model_names(self) -> list[str]:
+        return self._names
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    async def start(self) -> None:
+        # One thread does all torch work: the model is not shared between threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers-engine")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self._loop_task = asyncio.create_task(self._engine_loop(), name="transformers-engine-loop")
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            resolved = resolve_model(self.config.model_path, self.config.cache_dir)
+        except ModelError as exc:
+            raise SystemExit(f"mesh worker: {exc}") from None
+        device = torch.device(self.config.device)
+        dtype = _DTYPES.get(self.config.dtype, "auto")
+        started = time.monotonic()
+        self._tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
+        self._model = model.to(device).eval()
+        self._device = device
+        log.info("loaded %s in %.1f s (%s on %s)", resolved.path, time.monotonic() - started, model.dtype, device)
+        self._names = list(self.config.model_names or resolved.default_names)
+        model_config = model.config
+        self._context_length = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+        self._vocab_size = int(model_config.vocab_size)
+        eos = set()
+        for source in (getattr(model.generation_config, "eos_token_id", None), self._tokenizer.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(int(i) for i in source)
+        self._eos_ids = frozenset(eos)
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for seq in list(self._by_id.values()):
+            self._finish(seq, FinishReason.ABORT)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running), waiting=len(self._waiting))
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
+        seq = self._admit(request, request_id)
+        try:
+            if request.echo:
+                yield EngineOutput(text=self._prompt_text(seq.prompt_ids))
+            if seq.finished:  # max_tokens 0
+                output, seq.pending = seq.pending, EngineOutput()
+                yield output
+                return
+            self._waiting.append(seq)
+            self._wake.set()
+            while True:
+                await seq.ready.wait()
+                seq.ready.clear()
+                if seq.error is not None:
+                    raise EngineError(ErrorCode.INTERNAL, seq.error)
+                output, seq.pending = seq.pending, EngineOutput()
+                yield output
+                if output.finish_reason is not None:
+                    return
+        finally:
+            # Normal end, cancel or a closed iterator: the loop drops the row at its next step.
+            if not seq.finished:
+                seq.cancelled = True
+                self._wake.set()
+            self._by_id.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is not None and not seq.finished:
+            seq.cancelled = True
+            self._finish(seq, FinishReason.ABORT)
+            self._wake.set()
+
+    def _admit(self, request: GenerateRequest, request_id: str) -> _Sequence:
+        problem = sampling.validate(request)
+        if problem:
+            raise EngineError(ErrorCode.BAD_REQUEST, problem)
+        prompt_ids = self._prompt_ids(request)
+        if not prompt_ids:
+            raise EngineError(ErrorCode.BAD_REQUEST, "the prompt is empty")
+        total = len(prompt_ids) + request.max_tokens
+        if self._context_length and total > self._context_length:
+            raise EngineError(
+                ErrorCode.BAD_REQUEST,
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) is {total} tokens, "
+                f"more than the model's context length of {self._context_length}",
+            )
+        params = sampling.params_from(request)
+        generator, _ = sampling.make_generator(request.seed)
+        ignored = set() if request.ignore_eos else set(self._eos_ids)
+        seq = _Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            max_tokens=request.max_tokens,
+            params=params,
+            generator=generator,
+            counts=sampling.TokenCounts(self._vocab_size, prompt_ids) if params.penalized else None,
+            detok=IncrementalDetokenizer(self._decode, prompt_ids),
+            stop=StopMatcher(list(request.stop)),
+            stop_ids=frozenset(ignored | set(request.stop_token_ids)),
+        )
+        seq.pending.prompt_tokens = len(prompt_ids)
+        if request.max_tokens == 0:
+            self._finish(seq, FinishReason.LENGTH)
+        self._by_id[request_id] = seq
+        return seq
+
+    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        given = [request.prompt is not None, request.messages is not None, request.prompt_token_ids is not None]
+        if sum(given) != 1:
+            raise EngineError(ErrorCode.BAD_REQUEST, "give exactly one of prompt, messages or prompt_token_ids")
+        if request.prompt_token_ids is not None:
+            bad = [i for i in request.prompt_token_ids if not 0 <= i < self._vocab_size]
+            if bad:
+                raise EngineError(
+                    ErrorCode.BAD_REQUEST, f"token ids outside the vocabulary (0..{self._vocab_size - 1})"
+                )
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:  # a template that rejects these messages (roles, order)
+                message = f"the model's chat template rejected the messages: {exc}"
+                raise EngineError(ErrorCode.BAD_REQUEST, message) from None
+            if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return list(self._tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+
+    def _prompt_text(self, prompt_ids: list[int]) -> str:
+        return self._tokenizer.decode(prompt_ids, skip_special_tokens=False)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if reason is not FinishReason.ABORT:
+            # Release what was held back: an incomplete character, or text that might have begun a stop string.
+            result = seq.stop.feed(seq.detok.flush())
+            seq.pending.text += result.text + ("" if result.stopped else seq.stop.flush())
+        seq.pending.finish_reason = reason
+        seq.pending.prompt_tokens = len(seq.prompt_ids)
+        seq.pending.completion_tokens = len(seq.output_ids)
+        seq.ready.set()
+
+    # ------------------------------------------------------------------ the engine loop
+
+    async def _engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_done()
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            room = max(self.config.capacity - len(self._running), 0)
+            joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            running = list(self._running)
+            try:
+                tokens = await loop.run_in_executor(self._executor, self._step, joining, running)
+            except Exception as exc:
+                log.exception("engine step failed")
+                for seq in joining + running:
+                    self._fail(seq, exc)
+                self._running, self._batches = [], []
+                continue
+            self._running.extend(joining)
+            for token in tokens:
+                self._deliver(token)
+            # Let consumers and the socket loop run between steps.
+            await asyncio.sleep(0)
+
+    def _fail(self, seq: _Sequence, exc: Exception) -> None:
+        seq.finished = True
+        seq.error = f"engine failure: {exc}"
+        seq.ready.set()
+
+    def _drop_done(self) -> None:
+        """Removes finished and cancelled requests from the batch (and cancelled ones from the queue)."""
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        if not any(s.finished or s.cancelled for s in self._running):
+            return
+        for batch in self._batches:
+            rows = [i for i, s in enumerate(self._rows(batch)) if not (s.finished or s.cancelled)]
+            if len(rows) < batch.rows and rows:
+                batch.keep(rows)
+        self._running = [s for s in self._running if not (s.finished or s.cancelled)]
+        self._batches = [b for b in self._batches if any(s.batch is b for s in self._running)]
+
+    def _rows(self, batch: BatchState) -> list[_Sequence]:
+        """A batch's sequences in row order (rows follow the order sequences joined)."""
+        return [s for s in self._running if s.batch is batch]
+
+    # ------------------------------------------------------------------ the step (on the engine thread)
+
+    def _step(self, joining: list[_Sequence], running: list[_Sequence]) -> list[_Token]:
+        with torch.inference_mode():
+            tokens: list[_Token] = []
+            for batch in list(self._batches):
+                rows = [s for s in running if s.batch is batch]
+                if rows:
+                    tokens.extend(self._decode_step(batch, rows))
+            for seq in joining:
+                tokens.append(self._prefill(seq))
+            return tokens
+
+    def _prefill(self, seq: _Sequence) -> _Token:
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self._device)
+        out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        state = BatchState.from_prefill(out.past_key_values, len(seq.prompt_ids), self._device)
+        if self.config.deterministic or not self._batches:
+            self._batches.append(state)
+        else:
+            self._batches[0].merge(state)
+            state = self._batches[0]
+        seq.batch = state
+        return self._pick(seq, out.logits[0, -1])
+
+    def _decode_step(self, batch: BatchState, rows: list[_Sequence]) -> list[_Token]:
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long, device=self._device)
+        mask, positions = batch.step_inputs()
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        batch.advance(mask)
+        logits = out.logits[:, -1].float().cpu()
+        return [self._pick(seq, logits[i]) for i, seq in enumerate(rows)]
+
+    def _pick(self, seq: _Sequence, logits: torch.Tensor) -> _Token:
+        logits = logits.float().cpu()
+        token_id = sampling.sample(logits, seq.params, seq.generator, seq.counts)
+        # Recorded here, on the thread, because the next step's input is this token.
+        seq.output_ids.append(token_id)
+        if seq.counts is not None:
+            seq.counts.add(token_id)
+        logprob = None
+        if seq.params.logprobs is not None:
+            chosen, alternatives = sampling.token_logprobs(logits, token_id, seq.params.logprobs)
+            logprob = TokenLogprob(
+                token_id, self._token_text(token_id), chosen, sampling.top_entries(alternatives, self._token_text)
+            )
+        return _Token(seq, token_id, logprob)
+
+    def _token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ delivery (on the event loop)
+
+    def _deliver(self, token: _Token) -> None:
+        seq = token.seq
+        if seq.finished or seq.cancelled:
+            return
+        pending = seq.pending
+        if token.token_id in seq.stop_ids:
+            self._finish(seq, FinishReason.STOP)
+            return
+        result = seq.stop.feed(seq.detok.add(token.token_id))
+        pending.text += result.text
+        pending.token_ids.append(token.token_id)
+        if token.logprob is not None:
+            pending.logprobs = (pending.logprobs or []) + [token.logprob]
+        if result.stopped:
+            self._finish(seq, FinishReason.STOP)
+        elif len(seq.output_ids) >= seq.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+        else:
+            seq.ready.set()
