@@ -16,6 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/mesh up
 
 test: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will skip"
 	$(PY) -m ruff check mesh gateways bench tests
 	$(PY) -m pytest -q
 

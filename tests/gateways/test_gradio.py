@@ -1,0 +1,116 @@
+"""`mesh gateway gradio` as a real process, driven by gradio_client.
+
+The worker is the synthetic engine (fake tokens, no model): these tests check
+the UI's plumbing (streaming, auth, errors, votes), not a model's text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from tests.support import ProcessGroup, free_port, wait_until
+
+USER, PASSWORD = "alice", "s3cret"
+
+
+def _page_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_ui(processes: ProcessGroup, broker_url: str, tmp_path: Path, *extra: str) -> str:
+    """Broker, one synthetic worker (fake tokens) serving `syn`, and the UI with a login; returns the UI's URL."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "syn-1", "--itl-ms", "5", models="syn")
+    auth = tmp_path / "users.txt"
+    auth.write_text(f"# who may chat\n{USER}:{PASSWORD}\n")
+    port = free_port()
+    ui = processes.mesh(
+        "gradio", "gateway", "gradio", "--broker", broker_url, "--port", str(port),
+        "--gradio-auth-path", str(auth), "--log-dir", str(tmp_path / "votes"), "--model-list-mode", "reload", *extra,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: _page_up(url) or not ui.alive(), timeout=120, interval=0.3, message="the UI page")
+    assert ui.alive(), ui.output()
+    return url
+
+
+def _reply_text(chatbot: list[dict]) -> str:  # type: ignore[type-arg]
+    content = chatbot[-1]["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def test_chat_streams_a_reply_and_login_is_enforced(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
+    url = start_ui(processes, broker_url, tmp_path)
+
+    with pytest.raises(Exception, match=r"(?i)login|credentials|auth|401|403"):
+        Client(url, auth=(USER, "wrong"), verbose=False)
+
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    job = client.submit("Tell me a story", "syn", 0.7, 1.0, 24, "7", api_name="/chat")
+    updates = [outputs for outputs in job]
+    job.result()
+    replies = [_reply_text(chatbot) for _, chatbot in updates if chatbot and chatbot[-1]["role"] == "assistant"]
+    # Streamed: the reply grew over several updates before it was complete.
+    assert len({r for r in replies if r}) >= 3, updates
+    final = _reply_text(job.outputs()[-1][1])
+    assert "worker syn-1" in final and "first token" in final and "tokens/s" in final
+    assert "Traceback" not in final
+
+    # The same seed gives the same text again (the synthetic engine honours seeds like a real one).
+    again = client.predict(model="syn", temperature=0.7, top_p=1.0, max_tokens=24, seed="7", api_name="/regenerate")
+    assert _reply_text(again).split("\n\n<sub>")[0] == final.split("\n\n<sub>")[0]
+
+
+def test_errors_are_readable_messages(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
+    url = start_ui(processes, broker_url, tmp_path)
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+
+    _, chatbot = client.predict("hi", "no-such-model", 0.7, 1.0, 16, "", api_name="/chat")
+    assert "No worker serves the model 'no-such-model'" in _reply_text(chatbot)
+
+    _, chatbot = client.predict("hi", "syn", 0.7, 1.0, 16, "not-a-number", api_name="/chat")
+    assert "seed must be a whole number" in _reply_text(chatbot)
+
+    # Out of a slider's range: Gradio itself refuses it with a one-line reason.
+    with pytest.raises(Exception, match="greater than maximum value 2"):
+        client.predict("hi", "syn", 5.0, 1.0, 16, "", api_name="/chat")
+
+    # The broker goes away: the chat says so instead of hanging or crashing.
+    processes.processes[0].stop()
+    time.sleep(0.5)
+    _, chatbot = client.predict("still there?", "syn", 0.7, 1.0, 16, "", api_name="/chat")
+    text = _reply_text(chatbot)
+    assert text.startswith("⚠️") and "Traceback" not in text, text
+
+
+def test_clear_resets_the_chat(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
+    url = start_ui(processes, broker_url, tmp_path)
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    client.predict("one", "syn", 0.7, 1.0, 8, "", api_name="/chat")
+    chatbot, _ = client.predict(api_name="/clear")
+    assert chatbot == []
+    _, chatbot = client.predict("two", "syn", 0.7, 1.0, 8, "", api_name="/chat")
+    assert [m["role"] for m in chatbot] == ["user", "assistant"]
+
+
+def test_votes_are_logged_as_json_lines(tmp_path: Path) -> None:
+    from gateways.gradio import feedback
+    from gateways.gradio.conversation import Turn
+
+    exchange = [Turn("user", "hi"), Turn("assistant", "hello", note="worker w1"), Turn("assistant", "x", error=True)]
+    record = feedback.make_record("upvote", "syn", exchange, "alice", "127.0.0.1", now=0.0)
+    path = feedback.append(tmp_path, record)
+    assert path.name == "1970-01-01-conv.json"
+    line = json.loads(path.read_text().splitlines()[0])
+    assert line["type"] == "upvote" and line["model"] == "syn" and len(line["messages"]) == 2
