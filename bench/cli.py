@@ -187,7 +187,10 @@ async def run_suite(name: str, args: argparse.Namespace) -> SuiteResult:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = asyncio.run(run_suite(args.suite, args))
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(run_suite(args.suite, args))
     path = write_json(args.out, result)
     print_result(result, path)
     sys.stdout.flush()

@@ -1,0 +1,42 @@
+"""A synthetic mesh for the overhead suites: broker, one synthetic worker, optionally the HTTP gateway.
+
+The synthetic engine emits fake tokens with no delay: what is measured is the
+mesh's own cost, never a model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.processes import ProcessGroup, StartupError, free_broker_url, start_gateway, wait_for_models
+
+SYNTHETIC_MODEL = "synthetic-bench"
+
+
+@dataclass
+class SyntheticMesh:
+    group: ProcessGroup
+    broker_url: str
+    gateway_url: str | None = None
+    gateway_skipped: str | None = None
+
+
+async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool) -> SyntheticMesh:
+    group = ProcessGroup(logs)
+    try:
+        url = free_broker_url()
+        broker = group.broker(url, "--log-level", "WARNING")
+        worker = group.synthetic_worker(url, "bench-synthetic", "--capacity", str(capacity), "--log-level", "WARNING",
+                                        models=SYNTHETIC_MODEL)
+        await wait_for_models(url, [SYNTHETIC_MODEL], [broker, worker], timeout=60)
+        mesh = SyntheticMesh(group, url)
+        if gateway:
+            try:
+                mesh.gateway_url = await start_gateway(group, url)
+            except StartupError as exc:
+                mesh.gateway_skipped = str(exc)
+        return mesh
+    except BaseException:
+        group.stop_all()
+        raise

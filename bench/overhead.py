@@ -1,0 +1,123 @@
+"""overhead: what each layer of the mesh adds, on the synthetic engine with no delay.
+
+Layers, each at every concurrency level:
+    engine   the synthetic engine called in this process (its own time: the baseline)
+    mesh     MeshClient -> broker -> worker runtime -> back
+    gateway  HTTP streaming /v1/completions through `mesh gateway openai` (the full stack)
+
+added_ttft_ms (the issue's figure) is the full stack's TTFT minus the engine's own,
+per percentile, at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.load import (
+    PROMPT,
+    HttpTarget,
+    LoadSummary,
+    Timing,
+    http_requester,
+    http_session,
+    mesh_requester,
+    run_closed_loop,
+    summarize,
+)
+from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
+from bench.report import SuiteResult, Target, load_table, plot_load
+from mesh.client import MeshClient
+from mesh.engines.base import EngineConfig
+from mesh.engines.synthetic import SyntheticEngine
+from mesh.protocol import GenerateRequest
+
+ADDED_P50_TARGET_MS = 1.0
+ADDED_P99_TARGET_MS = 3.0
+
+
+def engine_requester(engine: SyntheticEngine, max_tokens: int):  # type: ignore[no-untyped-def]
+    request = GenerateRequest(model=SYNTHETIC_MODEL, prompt=PROMPT, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one() -> Timing:
+        timing = Timing(time.perf_counter())
+        async for output in engine.generate(request, "bench"):
+            if output.text or output.token_ids:
+                timing.arrivals.append(time.perf_counter())
+            if output.finish_reason is not None:
+                timing.output_tokens = output.completion_tokens
+        timing.end = time.perf_counter()
+        return timing
+
+    return one
+
+
+async def _sweep(name: str, make, levels: list[int], requests: int, max_seconds: float, bar) -> list[LoadSummary]:  # type: ignore[no-untyped-def]
+    summaries = []
+    warm_timings, _ = await run_closed_loop(make(), 1, 5, max_seconds)  # warm caches, connections, imports
+    del warm_timings
+    for level in levels:
+        bar.set_postfix_str(f"{name} c={level}")
+        timings, seconds = await run_closed_loop(make(), level, max(requests, level), max_seconds, bar.update)
+        summaries.append(summarize(level, timings, seconds))
+    return summaries
+
+
+def _added(layer: LoadSummary, base: LoadSummary) -> dict[str, float]:
+    return {"p50": layer.ttft_ms.p50 - base.ttft_ms.p50, "p99": layer.ttft_ms.p99 - base.ttft_ms.p99}
+
+
+async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, gateway: bool, max_seconds: float,
+              progress: bool = True) -> SuiteResult:
+    from tqdm import tqdm
+
+    params = {"concurrency": levels, "requests_per_level": requests, "max_tokens": max_tokens,
+              "engine": "synthetic, no delay (fake tokens)", "max_seconds_per_level": max_seconds}
+    layers: dict[str, list[LoadSummary]] = {}
+    skipped: dict[str, str] = {}
+    total = sum(max(requests, c) for c in levels) * (3 if gateway else 2)
+    bar = tqdm(total=total, desc="overhead", disable=not progress, unit="req")
+    try:
+        engine = SyntheticEngine(EngineConfig(backend="synthetic", model_names=(SYNTHETIC_MODEL,)))
+        await engine.start()
+        layers["engine"] = await _sweep("engine", lambda: engine_requester(engine, max_tokens), levels, requests,
+                                        max_seconds, bar)
+        mesh = await start_synthetic_mesh(out / "logs" / "overhead", capacity=max(levels), gateway=gateway)
+        with mesh.group:
+            async with MeshClient(mesh.broker_url) as client:
+                await client.wait_for_models([SYNTHETIC_MODEL])
+                layers["mesh"] = await _sweep("mesh", lambda: mesh_requester(client, SYNTHETIC_MODEL, max_tokens),
+                                              levels, requests, max_seconds, bar)
+            if mesh.gateway_url is not None:
+                target = HttpTarget(mesh.gateway_url, SYNTHETIC_MODEL)
+                async with http_session(max(levels)) as session:
+                    layers["gateway"] = await _sweep("gateway", lambda: http_requester(session, target, max_tokens),
+                                                     levels, requests, max_seconds, bar)
+            elif gateway:
+                skipped["gateway"] = mesh.gateway_skipped or "not started"
+            else:
+                skipped["gateway"] = "--no-gateway"
+    finally:
+        bar.close()
+
+    base = layers["engine"][0]
+    full_layer = "gateway" if "gateway" in layers else "mesh"
+    added = _added(layers[full_layer][0], base)
+    summary: dict[str, object] = {
+        "added_ttft_ms": {**added, "layer": full_layer, "concurrency": levels[0]},
+        "added_ttft_ms_by_layer": {
+            name: {str(s.concurrency): _added(s, b) for s, b in zip(series, layers["engine"], strict=True)}
+            for name, series in layers.items() if name != "engine"
+        },
+    }
+    if skipped:
+        summary["skipped_layers"] = skipped
+    targets = [
+        Target(f"added TTFT p50, {full_layer} (ms)", f"<= {ADDED_P50_TARGET_MS}", added["p50"],
+               added["p50"] <= ADDED_P50_TARGET_MS),
+        Target(f"added TTFT p99, {full_layer} (ms)", f"<= {ADDED_P99_TARGET_MS}", added["p99"],
+               added["p99"] <= ADDED_P99_TARGET_MS),
+    ]
+    plot_load(out, "overhead", "overhead (synthetic engine, no delay)", layers)
+    (out / "overhead.md").write_text(load_table([(n, s) for n, series in layers.items() for s in series]) + "\n")
+    return SuiteResult("overhead", params=params, results=layers, summary=summary, targets=targets)

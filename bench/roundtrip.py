@@ -1,0 +1,49 @@
+"""roundtrip (issue 2): one-token requests, one at a time, MeshClient -> broker -> worker -> back.
+
+The worker runs the synthetic engine with no delay (fake tokens): the figure is
+the mesh's own round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
+from bench.report import SuiteResult, Target
+from bench.stats import Dist, ms
+from mesh.client import MeshClient
+from mesh.protocol import GenerateRequest
+
+P50_TARGET_MS = 0.5
+WARMUP = 50
+
+
+async def measure(client: MeshClient, requests: int, progress: bool) -> list[float]:
+    from tqdm import tqdm
+
+    request = GenerateRequest(model=SYNTHETIC_MODEL, prompt="ping", max_tokens=1)
+    samples: list[float] = []
+    for i in tqdm(range(WARMUP + requests), desc="roundtrip", disable=not progress, unit="req"):
+        start = time.perf_counter()
+        async for _ in client.generate(request, timeout=30):
+            pass
+        if i >= WARMUP:
+            samples.append(ms(time.perf_counter() - start))
+    return samples
+
+
+async def run(out: Path, *, requests: int, progress: bool = True) -> SuiteResult:
+    mesh = await start_synthetic_mesh(out / "logs" / "roundtrip", capacity=4, gateway=False)
+    with mesh.group:
+        async with MeshClient(mesh.broker_url) as client:
+            await client.wait_for_models([SYNTHETIC_MODEL])
+            samples = await measure(client, requests, progress)
+    dist = Dist.of(samples)
+    return SuiteResult(
+        "roundtrip",
+        params={"requests": requests, "warmup": WARMUP, "max_tokens": 1, "engine": "synthetic, no delay"},
+        results={"roundtrip_ms": dist},
+        summary={"roundtrip_ms": {"p50": dist.p50, "p99": dist.p99}},
+        targets=[Target("one-token round trip p50 (ms)", f"<= {P50_TARGET_MS}", dist.p50, dist.p50 <= P50_TARGET_MS)],
+    )
