@@ -113,6 +113,10 @@ class Broker:
         self._departed: dict[bytes, float] = {}
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
+        # Until every live worker has had one heartbeat to announce itself (after a
+        # broker restart, say), requests for models not seen yet wait instead of
+        # being refused.
+        self._warm_until = time.monotonic() + 1.2 * config.heartbeat_interval
         self._stop = threading.Event()
         self._next_beacon = 0.0
         self._sockets_open = False
@@ -210,19 +214,25 @@ class Broker:
         except UnicodeDecodeError:
             self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "model name is not UTF-8"))
             return
-        if request_id in self._requests:
-            # A replayed or colliding id must not disturb the request that owns it.
-            self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "request id already in use"))
+        existing = self._requests.get(request_id)
+        if existing is not None:
+            # The same client again (a re-submit after our restart): it is in hand. Anyone
+            # else: a replayed or colliding id must not disturb the request that owns it.
+            if existing.client != client:
+                self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "request id already in use"))
             return
-        if not self._by_model.get(model):
-            served = ", ".join(sorted(self._by_model)) or "none"
-            message = f"model {model!r} is not served by any worker (served: {served})"
-            self._reply(client, error_frames(request_id, ErrorCode.MODEL_NOT_FOUND, message))
+        if not self._by_model.get(model) and time.monotonic() >= self._warm_until:
+            self._reply(client, self._not_found(request_id, model))
             return
         request = _Request(request_id, client, model, submit_frames)
         self._requests[request_id] = request
         if self._queues.get(model) or not self._dispatch(request):
             self._enqueue(request)
+
+    def _not_found(self, request_id: bytes, model: str) -> list[bytes]:
+        served = ", ".join(sorted(self._by_model)) or "none"
+        message = f"model {model!r} is not served by any worker (served: {served})"
+        return error_frames(request_id, ErrorCode.MODEL_NOT_FOUND, message)
 
     def _enqueue(self, request: _Request, front: bool = False) -> None:
         queue = self._queues.setdefault(request.model, deque())
@@ -466,6 +476,12 @@ class Broker:
     # ------------------------------------------------------------------ timers
 
     def _tick(self, now: float) -> None:
+        if self._warm_until and now >= self._warm_until:
+            self._warm_until = 0.0
+            for model in [m for m in self._queues if not self._by_model.get(m)]:
+                for request in self._queues.pop(model):
+                    del self._requests[request.request_id]
+                    self._reply(request.client, self._not_found(request.request_id, model))
         for worker in [w for w in self._workers.values() if now - w.last_seen > self._expiry]:
             self._bury(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
         if now >= self._next_beacon:

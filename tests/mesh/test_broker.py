@@ -1,0 +1,236 @@
+"""The broker, worker runtime and client, end to end: real processes on loopback.
+
+Workers here run the synthetic engine (fake tokens, no model): these tests are
+about routing, queueing, cancellation and failure, where a model's speed
+would only add time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+
+import pytest
+import zmq
+
+from mesh.client import MeshClient
+from mesh.endpoints import Endpoints
+from mesh.errors import ModelNotFoundError, OverloadedError, WorkerLostError
+from mesh.protocol import FinishReason, GenerateRequest, Kind, new_request_id, pack_header
+from tests.support import ProcessGroup, wait_for_workers
+
+
+def request(model: str = "synthetic", max_tokens: int = 4, **fields: object) -> GenerateRequest:
+    return GenerateRequest(model=model, prompt="hello mesh", max_tokens=max_tokens, **fields)  # type: ignore[arg-type]
+
+
+async def test_generate_with_one_worker(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        chunks = [chunk async for chunk in client.generate(request(max_tokens=5, seed=3))]
+        assert sum(len(c.token_ids) for c in chunks) == 5
+        last = chunks[-1]
+        assert last.finish_reason is FinishReason.LENGTH
+        assert last.usage is not None and last.usage.completion_tokens == 5 and last.usage.prompt_tokens == 2
+        assert last.worker_id == "w1"
+        again = await client.complete(request(max_tokens=5, seed=3))
+        assert again.text == "".join(c.text for c in chunks)  # same seed, same text
+
+
+async def test_generate_with_three_workers_and_aliases(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    for worker_id in ("w1", "w2", "w3"):
+        processes.synthetic_worker(broker_url, worker_id, models="main,alias-a")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 3)
+        assert {"main", "alias-a"} <= set(client.models())
+        results = await asyncio.gather(*(client.complete(request("alias-a", seed=i)) for i in range(12)))
+        assert {r.worker_id for r in results} == {"w1", "w2", "w3"}
+        assert all(r.finish_reason is FinishReason.LENGTH for r in results)
+        by_name = await client.complete(request("main", seed=1))
+        by_alias = await client.complete(request("alias-a", seed=1))
+        assert by_name.text == by_alias.text
+
+
+async def test_shortest_queue_spreads_in_proportion_to_capacity(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    for worker_id, capacity in (("c1", 1), ("c2", 2), ("c3", 3)):
+        processes.synthetic_worker(broker_url, worker_id, "--capacity", str(capacity), "--itl-ms", "15")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 3)
+        results = await asyncio.gather(*(client.complete(request(max_tokens=8)) for _ in range(30)))
+    served = Counter(r.worker_id for r in results)
+    # 30 requests over capacities 1:2:3 -> about 5, 10, 15.
+    assert abs(served["c1"] - 5) <= 2 and abs(served["c2"] - 10) <= 3 and abs(served["c3"] - 15) <= 3, served
+
+
+async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        await asyncio.sleep(0.7)  # past the new broker's warm-up, when unseen models may still appear
+        start = time.monotonic()
+        with pytest.raises(ModelNotFoundError, match="not served"):
+            await client.complete(request("no-such-model"))
+        assert time.monotonic() - start < 1.0
+
+
+async def test_overload_beyond_the_queue_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url, "--max-queue", "2")
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "1", "--itl-ms", "100")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        running = asyncio.create_task(client.complete(request(max_tokens=20)))
+        await asyncio.sleep(0.2)
+        queued = [asyncio.create_task(client.complete(request(max_tokens=1))) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(OverloadedError):
+            await client.complete(request(max_tokens=1))
+        for finished in await asyncio.gather(running, *queued):
+            assert finished.finish_reason is FinishReason.LENGTH  # nobody else was disturbed
+
+
+async def test_cancel_reaches_the_worker_and_frees_the_slot(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "1", "--itl-ms", "50")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+
+        async def consume() -> None:
+            async for _ in client.generate(request(max_tokens=4000)):
+                pass
+
+        task = asyncio.create_task(consume())
+        deadline = time.monotonic() + 5
+        while client.workers()[0].inflight != 1:
+            assert time.monotonic() < deadline, "the worker never reported the request"
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        while client.workers()[0].inflight != 0:
+            assert time.monotonic() < deadline, "the worker still runs the cancelled request"
+            await asyncio.sleep(0.02)
+        # The only slot is free again: a new request runs at once.
+        done = await asyncio.wait_for(client.complete(request(max_tokens=2)), 2)
+        assert done.finish_reason is FinishReason.LENGTH
+
+
+async def test_queued_request_of_a_departed_client_is_dropped(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "1", "--itl-ms", "20")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        running = asyncio.create_task(client.complete(request(max_tokens=15)))
+        await asyncio.sleep(0.1)
+        async with MeshClient(broker_url) as leaver:
+            await leaver.wait_for_broker()
+            waiting = asyncio.create_task(leaver.complete(request(max_tokens=4000)))
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        await running
+        # Had the departed client's request run, it would hold the only slot for minutes.
+        done = await asyncio.wait_for(client.complete(request(max_tokens=2)), 3)
+        assert done.worker_id == "w1"
+
+
+async def test_kill_9_of_a_worker(processes: ProcessGroup, broker_url: str) -> None:
+    """Detected within 2 s; unstarted requests finish elsewhere; started ones end with worker_lost."""
+    processes.broker(broker_url, "--dispatch-method", "round_robin")
+    slow_starter = processes.synthetic_worker(broker_url, "slow", "--ttft-ms", "60000", "--capacity", "8")
+    processes.synthetic_worker(broker_url, "steady", "--capacity", "8")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 2)
+        unstarted = [asyncio.create_task(client.complete(request(max_tokens=3))) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        killed_at = time.monotonic()
+        slow_starter.signal(signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*unstarted), 5)
+        assert {r.worker_id for r in results} == {"steady"}
+        while any(w.worker_id == "slow" for w in client.workers()):
+            assert time.monotonic() - killed_at < 2.0, "the dead worker is still listed"
+            await asyncio.sleep(0.02)
+
+    streamer = processes.synthetic_worker(broker_url, "streamer", "--itl-ms", "100", models="streamed")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1, model="streamed")
+        stream = client.generate(request("streamed", max_tokens=1000))
+        first = await anext(stream)
+        assert first.token_ids
+        streamer.signal(signal.SIGKILL)
+        with pytest.raises(WorkerLostError):
+            async with asyncio.timeout(5):
+                async for _ in stream:
+                    pass
+
+
+async def test_broker_restart(processes: ProcessGroup, broker_url: str) -> None:
+    broker = processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1")
+    processes.synthetic_worker(broker_url, "w2")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 2)
+        assert (await client.complete(request())).finish_reason is FinishReason.LENGTH
+        old_start = client.broker_info.started_at
+        broker.signal(signal.SIGKILL)
+        broker.popen.wait()
+        processes.broker(broker_url)
+        restarted = time.monotonic()
+        # A request sent while the new broker is still learning its workers waits for them.
+        early = asyncio.create_task(client.complete(request()))
+        while not (client.broker_info.started_at != old_start and client.broker_info.workers == 2):
+            assert time.monotonic() - restarted < 5, "workers did not come back"
+            await asyncio.sleep(0.05)
+        # The same client keeps working through the new broker.
+        assert (await asyncio.wait_for(client.complete(request()), 5)).finish_reason is FinishReason.LENGTH
+        assert (await asyncio.wait_for(early, 5)).finish_reason is FinishReason.LENGTH
+    assert all(p.alive() for p in processes.processes[1:3]), "a worker exited"
+
+
+async def test_malformed_frames_on_every_port_crash_nothing(processes: ProcessGroup, broker_url: str) -> None:
+    broker = processes.broker(broker_url)
+    worker = processes.synthetic_worker(broker_url, "w1")
+    endpoints = Endpoints.from_url(broker_url)
+    garbage = [
+        [b""],
+        [b"\xff" * 3],
+        [pack_header(Kind.SUBMIT, new_request_id())],  # too few frames
+        [pack_header(Kind.SUBMIT, new_request_id()), b"synthetic", b"\xc1not msgpack"],
+        [pack_header(Kind.SUBMIT, new_request_id()), b"\xff\xfe", b"x"],  # model name not UTF-8
+        [pack_header(Kind.TOKENS, new_request_id()), b"x"],  # a client cannot send tokens
+        [bytes((99, 1)) + new_request_id(), b"m", b"x"],  # unknown version
+        [pack_header(Kind.ANNOUNCE), b"\x93garbage"],
+        [pack_header(Kind.DONE, new_request_id()), b"\x00"],
+        [b"x" * 100_000, b"y"],
+    ]
+    ctx = zmq.Context()
+    try:
+        front = ctx.socket(zmq.DEALER)
+        back = ctx.socket(zmq.DEALER)
+        back.setsockopt(zmq.IDENTITY, b"w1")  # even pretending to be a real worker
+        bus_in = ctx.socket(zmq.PUB)
+        bus_out = ctx.socket(zmq.XSUB)
+        for sock, endpoint in ((front, endpoints.front), (back, endpoints.back), (bus_in, endpoints.bus_in),
+                               (bus_out, endpoints.bus_out)):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+        await asyncio.sleep(0.3)
+        for _ in range(20):
+            for frames in garbage:
+                for sock in (front, back, bus_in, bus_out):
+                    sock.send_multipart(frames)
+        await asyncio.sleep(0.5)
+        assert broker.alive() and worker.alive()
+        async with MeshClient(broker_url) as client:
+            await wait_for_workers(client, 1)
+            assert (await asyncio.wait_for(client.complete(request()), 5)).finish_reason is FinishReason.LENGTH
+            info = await client.wait_for_broker()
+            await asyncio.sleep(0.6)  # the next beacon carries the counters
+            assert sum(client.broker_info.dropped.values()) > 0, info
+    finally:
+        ctx.destroy(linger=0)
