@@ -252,7 +252,14 @@ def _run_status(args: argparse.Namespace) -> int:
         return 0
     rows = [("WORKER", "MODELS", "BACKEND", "LOAD", "TOK/S", "HOST")]
     rows += [
-        (w["id"], ",".join(w["models"]), w["backend"], f"{w['inflight']}/{w['capacity']}", f"{w['tokens_per_s']:.1f}", w["host"])
+        (
+            w["id"],
+            ",".join(w["models"]),
+            w["backend"],
+            f"{w['inflight']}/{w['capacity']}",
+            f"{w['tokens_per_s']:.1f}",
+            w["host"],
+        )
         for w in workers
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]

@@ -35,7 +35,10 @@ def add_mesh_options(parser: argparse.ArgumentParser) -> None:
         help="allow binding a non-loopback address without CURVE keys (anyone who reaches it can join)",
     )
     group.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (default: INFO)"
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default: INFO)",
     )
 
 

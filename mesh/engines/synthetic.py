@@ -16,10 +16,11 @@ from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, E
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest
 
 SYNTHETIC_CONTEXT_LENGTH = 4096
-_WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
-    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
+_WORDS = [
+    *("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo"),
+    *("lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform"),
+    *("victor", "whiskey", "xray", "yankee", "zulu"),
+]
 
 
 def _prompt_text(request: GenerateRequest) -> str:
@@ -32,6 +33,7 @@ def _prompt_text(request: GenerateRequest) -> str:
 
 class SyntheticEngine(Engine):
     backend = "synthetic"
+    supports_resume = True
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -52,7 +54,8 @@ class SyntheticEngine(Engine):
     async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
         prompt = _prompt_text(request)
         prompt_tokens = len(request.prompt_token_ids or prompt.split()) or 1
-        if prompt_tokens + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
+        resumed = len(request.resume_token_ids)
+        if prompt_tokens + resumed + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
             raise EngineError(
                 ErrorCode.BAD_REQUEST,
                 f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
@@ -63,9 +66,11 @@ class SyntheticEngine(Engine):
             seed = self._seeds.getrandbits(63)
         digest = hashlib.blake2b(f"{seed}\x00{prompt}".encode(), digest_size=8).digest()
         rng = random.Random(int.from_bytes(digest, "little"))
+        for _ in range(resumed):  # a migrated request continues the same deterministic stream
+            rng.randrange(len(_WORDS))
         self._running += 1
         try:
-            if request.echo:
+            if request.echo and not resumed:
                 yield EngineOutput(text=prompt)
             if self.config.ttft_ms:
                 await asyncio.sleep(self.config.ttft_ms / 1000)
@@ -74,7 +79,7 @@ class SyntheticEngine(Engine):
                 output = EngineOutput(text=" " + _WORDS[token_id], token_ids=[token_id])
                 if produced == request.max_tokens:
                     output.finish_reason = FinishReason.LENGTH
-                    output.prompt_tokens, output.completion_tokens = prompt_tokens, produced
+                    output.prompt_tokens, output.completion_tokens = prompt_tokens, resumed + produced
                     yield output
                     return
                 yield output

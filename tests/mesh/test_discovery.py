@@ -7,7 +7,9 @@ from mesh.protocol import Announcement
 
 
 def ann(worker_id: str, models: list[str], seq: int = 1, started_at: float = 1.0) -> Announcement:
-    return Announcement(worker_id=worker_id, models=models, backend="synthetic", capacity=2, seq=seq, started_at=started_at)
+    return Announcement(
+        worker_id=worker_id, models=models, backend="synthetic", capacity=2, seq=seq, started_at=started_at
+    )
 
 
 def test_workers_expire_after_missed_heartbeats() -> None:
