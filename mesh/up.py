@@ -265,9 +265,9 @@ class MeshUp:
                 await asyncio.wait_for(self._stop.wait(), 0.5)
 
     async def shutdown(self) -> None:
-        """Gateways first (no new work), then the worker (drains), then the broker; SIGKILL what lingers."""
-        names = [c.spec.name for c in self.children]
-        stages = [[n for n in names if n in ("gradio", "openai")], ["worker"], ["broker"]]
+        """Gateways and worker together (the worker drains what is in flight), the broker last, so that
+        the last tokens can still reach their clients; SIGKILL what lingers."""
+        stages = [["gradio", "openai", "worker"], ["broker"]]
         for stage in stages:
             await asyncio.gather(*(self._stop_child(c) for c in self.children if c.spec.name in stage))
 
