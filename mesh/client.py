@@ -20,13 +20,21 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from mesh import transport
 from mesh.discovery import MeshView, expiry_after
 from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
-from mesh.errors import BrokerUnavailableError, MeshError, MeshTimeoutError, RequestError, error_for_code
+from mesh.errors import (
+    BrokerUnavailableError,
+    MeshError,
+    MeshTimeoutError,
+    RequestError,
+    WorkerLostError,
+    error_for_code,
+)
 from mesh.protocol import (
     Announcement,
     BrokerInfo,
@@ -52,6 +60,8 @@ log = logging.getLogger("mesh.client")
 
 #: Frames one request may have waiting unread before it is cancelled as too slow a reader.
 MAX_BUFFERED_FRAMES = 100_000
+#: Times one request may move to another worker after losing its worker mid-stream.
+MAX_MIGRATIONS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +96,14 @@ class Completion:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+class _LostMidStream(Exception):
+    """Internal: the broker reported the request's worker lost; generate() may migrate it."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class _Stream:
     """Frames (or a failure) for one request, in arrival order."""
 
@@ -103,9 +121,13 @@ class MeshClient:
         security: SecurityConfig | None = None,
         timeout: float | None = None,
         connect_timeout: float = 3.0,
+        migrate: bool = True,
     ) -> None:
         """`timeout`: longest wait for any frame of a request (None: rely on liveness alone).
-        `connect_timeout`: longest wait for a broker never heard from before a request fails."""
+        `connect_timeout`: longest wait for a broker never heard from before a request fails.
+        `migrate`: when a worker dies mid-stream, continue the request on another worker from the
+        tokens already streamed (engines that cannot resume answer worker_lost as before)."""
+        self.migrate = migrate
         self.endpoints = Endpoints.from_url(broker_url)
         self.security = security or SecurityConfig()
         self.timeout = timeout
@@ -187,7 +209,41 @@ class MeshClient:
     # ------------------------------------------------------------------ requests
 
     async def generate(self, request: GenerateRequest, *, timeout: float | None = None) -> AsyncIterator[Chunk]:
-        """Streams one request's deltas; the last chunk carries finish_reason and usage."""
+        """Streams one request's deltas; the last chunk carries finish_reason and usage.
+
+        If its worker dies mid-stream, the request continues on another worker from the tokens
+        already streamed (GenerateRequest.resume_token_ids), at most MAX_MIGRATIONS times; the
+        caller sees one uninterrupted stream. Otherwise it ends with WorkerLostError."""
+        produced: list[int] = []
+        current = request
+        migrations = 0
+        while True:
+            try:
+                # aclosing: a caller that stops early cancels the request at once, not at garbage collection.
+                async with contextlib.aclosing(self._stream_once(current, timeout)) as stream:
+                    async for chunk in stream:
+                        produced.extend(chunk.token_ids)
+                        yield chunk
+                return
+            except RequestError as exc:
+                if not migrations or isinstance(exc, WorkerLostError):
+                    raise
+                # No other worker took it (none left, or an engine that cannot continue it).
+                raise WorkerLostError(f"the request's worker was lost and it could not move: {exc.message}") from None
+            except _LostMidStream as lost:
+                remaining = request.max_tokens - len(produced)
+                if not self.migrate or not produced or remaining <= 0 or migrations >= MAX_MIGRATIONS:
+                    raise lost.error from None
+                migrations += 1
+                log.info("request migrates after %d token(s): %s", len(produced), lost.error.message)
+                current = msgspec.structs.replace(
+                    request,
+                    resume_token_ids=[*request.resume_token_ids, *produced],
+                    max_tokens=remaining,
+                    echo=False,
+                )
+
+    async def _stream_once(self, request: GenerateRequest, timeout: float | None) -> AsyncIterator[Chunk]:
         await self._ensure_broker()
         timeout = timeout if timeout is not None else self.timeout
         request_id = new_request_id()
@@ -204,7 +260,11 @@ class MeshClient:
                 if isinstance(item, MeshError):
                     finished = True  # the request is gone on the mesh side already
                     raise item
-                chunk = self._chunk(item)
+                try:
+                    chunk = self._chunk(item)
+                except WorkerLostError as exc:
+                    finished = True
+                    raise _LostMidStream(exc) from None
                 if chunk.finish_reason is not None:
                     finished = True
                     yield chunk

@@ -135,6 +135,10 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: The worker's first chunk carries the prompt's text (and no token ids).
     echo: bool = False
     user: str | None = None
+    #: A migrated request: completion tokens another worker already produced (and the client
+    #: already streamed). The engine continues after them, as if it had generated them itself;
+    #: max_tokens counts only what is still to come. Engines without `supports_resume` refuse it.
+    resume_token_ids: list[int] = []
 
 
 class TopLogprob(msgspec.Struct, array_like=True, gc=False):

@@ -177,6 +177,10 @@ class Worker:
         except ProtocolError as exc:
             self._back.send(error_frames(request_id, ErrorCode.BAD_REQUEST, str(exc), self.worker_id))
             return
+        if request.resume_token_ids and not self.engine.supports_resume:
+            message = f"the {self.engine.backend} backend cannot continue a migrated request"
+            self._back.send(error_frames(request_id, ErrorCode.BAD_REQUEST, message, self.worker_id))
+            return
         if self._draining or len(self._active) >= self.engine.config.capacity:
             reason = "draining" if self._draining else "full"
             self._back.send(error_frames(request_id, ErrorCode.WORKER_UNAVAILABLE, reason, self.worker_id))
