@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -69,9 +70,9 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
 
 def _serve_sizes(args: argparse.Namespace) -> tuple[list[int], int, float]:
     if args.smoke:
-        return [1, 2], 2, 60.0
+        return [1, 2], 1, 10.0
     if args.quick:
-        return [1, 4], 2, 60.0
+        return [1, 4], 2, 20.0
     return args.concurrency, args.requests_per_stream, args.max_seconds
 
 
@@ -171,6 +172,15 @@ def print_result(result: SuiteResult, path: Path) -> None:
     print(f"-> {path}")
 
 
+def result_name(name: str, args: argparse.Namespace) -> str:
+    """The JSON file a suite writes (serve writes one per backend)."""
+    if name == "serve":
+        from bench.serve import suite_name
+
+        return suite_name(args.backend, args.target)
+    return name
+
+
 async def run_suite(name: str, args: argparse.Namespace) -> SuiteResult:
     """Runs one suite; anything that stops it becomes a 'skipped: reason' record, never a crash."""
     started = time.monotonic()
@@ -179,13 +189,19 @@ async def run_suite(name: str, args: argparse.Namespace) -> SuiteResult:
     except Exception as exc:
         logging.getLogger("bench").debug("suite %s failed", name, exc_info=True)
         detail = "".join(traceback.format_exception_only(exc)).strip()
-        result = skipped(name, detail)
+        result = skipped(result_name(name, args), detail)
     result.duration_s = round(time.monotonic() - started, 1)
     return result
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every process the suite started is stopped.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import uvloop
 

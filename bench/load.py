@@ -31,6 +31,8 @@ class Timing:
     output_tokens: int = 0
     end: float = 0.0
     error: str | None = None
+    #: Still running when the level's time bound cut it off.
+    cut: bool = False
 
     @property
     def ttft(self) -> float:
@@ -54,6 +56,7 @@ class LoadSummary:
     concurrency: int
     requests: int
     errors: int
+    cut: int
     duration_s: float
     request_per_s: float
     output_tokens_per_s: float
@@ -65,13 +68,16 @@ class LoadSummary:
 
 
 def summarize(concurrency: int, timings: list[Timing], duration_s: float) -> LoadSummary:
-    good = [t for t in timings if t.error is None and t.arrivals]
-    errors = [t for t in timings if t.error is not None or not t.arrivals]
-    tokens = sum(t.output_tokens for t in good)
+    good = [t for t in timings if t.error is None and t.arrivals and not t.cut]
+    errors = [t for t in timings if t.error is not None or (not t.arrivals and not t.cut)]
+    cut = [t for t in timings if t.cut and t.error is None]
+    # A cut request's deltas count towards throughput (a lower bound when a server coalesces tokens).
+    tokens = sum(t.output_tokens for t in good) + sum(len(t.arrivals) for t in cut)
     return LoadSummary(
         concurrency=concurrency,
         requests=len(good),
         errors=len(errors),
+        cut=len(cut),
         duration_s=round(duration_s, 3),
         request_per_s=len(good) / duration_s if duration_s > 0 else 0.0,
         output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0,
@@ -84,13 +90,18 @@ def summarize(concurrency: int, timings: list[Timing], duration_s: float) -> Loa
 
 
 async def run_closed_loop(
-    one_request: Callable[[], Awaitable[Timing]],
+    one_request: Callable[[Timing], Awaitable[None]],
     concurrency: int,
     requests: int,
     max_seconds: float,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[list[Timing], float]:
-    """`concurrency` streams issue up to `requests` requests in all, stopping early after `max_seconds`."""
+    """`concurrency` streams issue up to `requests` requests in all.
+
+    No request starts after `max_seconds`; requests still running at
+    1.5 x max_seconds are cut off (counted in `cut`, their tokens still count
+    towards throughput), so a level never runs much past its bound.
+    """
     timings: list[Timing] = []
     issued = 0
     started = time.perf_counter()
@@ -100,11 +111,22 @@ async def run_closed_loop(
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
             issued += 1
-            timings.append(await one_request())
+            timing = Timing(time.perf_counter())
+            timings.append(timing)
+            await one_request(timing)
+            timing.end = time.perf_counter()
             if progress is not None:
                 progress(1)
 
-    await asyncio.gather(*(stream() for _ in range(concurrency)))
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + max_seconds * 1.5):
+            await asyncio.gather(*(stream() for _ in range(concurrency)))
+    except TimeoutError:
+        now = time.perf_counter()
+        for timing in timings:
+            if timing.end == 0.0:
+                timing.end, timing.cut = now, True
     return timings, time.perf_counter() - started
 
 
@@ -115,8 +137,7 @@ def mesh_requester(client: MeshClient, model: str, max_tokens: int, ignore_eos: 
     request = GenerateRequest(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0.0,
                               ignore_eos=ignore_eos)
 
-    async def one() -> Timing:
-        timing = Timing(time.perf_counter())
+    async def one(timing: Timing) -> None:
         try:
             async for chunk in client.generate(request, timeout=120):
                 now = time.perf_counter()
@@ -126,8 +147,6 @@ def mesh_requester(client: MeshClient, model: str, max_tokens: int, ignore_eos: 
                     timing.output_tokens = chunk.usage.completion_tokens
         except Exception as exc:
             timing.error = f"{type(exc).__name__}: {exc}"
-        timing.end = time.perf_counter()
-        return timing
 
     return one
 
@@ -176,8 +195,7 @@ def http_requester(session: aiohttp.ClientSession, target: HttpTarget, max_token
     payload = msgspec.json.encode(completion_body(target, max_tokens))
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {target.api_key}"}
 
-    async def one() -> Timing:
-        timing = Timing(time.perf_counter())
+    async def one(timing: Timing) -> None:
         try:
             async with session.post(url, data=payload, headers=headers) as response:
                 if response.status != 200:
@@ -201,10 +219,15 @@ def http_requester(session: aiohttp.ClientSession, target: HttpTarget, max_token
                 timing.output_tokens = timing.output_tokens or deltas
         except Exception as exc:
             timing.error = f"{type(exc).__name__}: {exc}"
-        timing.end = time.perf_counter()
-        return timing
 
     return one
+
+
+async def one_timed(requester: Callable[[Timing], Awaitable[None]]) -> Timing:
+    timing = Timing(time.perf_counter())
+    await requester(timing)
+    timing.end = time.perf_counter()
+    return timing
 
 
 def http_session(concurrency: int) -> aiohttp.ClientSession:
@@ -225,11 +248,10 @@ async def discover_target(base_url: str, model: str | None = None, api_key: str 
                 raise RuntimeError(f"{base_url}/models lists no model")
             model = models[0]
         target = HttpTarget(base_url, model, True, api_key)
-        probe = http_requester(session, target, 2)
-        timing = await probe()
+        timing = await one_timed(http_requester(session, target, 2))
         if timing.error is not None and "400" in timing.error:
             target = HttpTarget(base_url, model, False, api_key)  # a server without the ignore_eos extension
-            timing = await http_requester(session, target, 2)()
+            timing = await one_timed(http_requester(session, target, 2))
         if timing.error is not None:
             raise RuntimeError(f"{base_url}: a probe request failed: {timing.error}")
     return target

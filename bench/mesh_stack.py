@@ -40,3 +40,16 @@ async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool) -> Synt
     except BaseException:
         group.stop_all()
         raise
+
+
+#: Seconds a real model may take to load (vLLM on CPU compiles for a while).
+MODEL_START_TIMEOUT = 600.0
+
+
+async def start_model_mesh(group: ProcessGroup, backend: str, worker_args: tuple[str, ...] = ()) -> str:
+    """Broker, one worker on the default model with `backend`, and the OpenAI gateway; returns the gateway's /v1 URL."""
+    url = free_broker_url()
+    broker = group.broker(url, "--log-level", "WARNING")
+    worker = group.mesh(f"worker-{backend}", "worker", "--broker", url, "--backend", backend, *worker_args)
+    await wait_for_models(url, [], [broker, worker], timeout=MODEL_START_TIMEOUT)
+    return await start_gateway(group, url)

@@ -39,15 +39,12 @@ ADDED_P99_TARGET_MS = 3.0
 def engine_requester(engine: SyntheticEngine, max_tokens: int):  # type: ignore[no-untyped-def]
     request = GenerateRequest(model=SYNTHETIC_MODEL, prompt=PROMPT, max_tokens=max_tokens, ignore_eos=True)
 
-    async def one() -> Timing:
-        timing = Timing(time.perf_counter())
+    async def one(timing: Timing) -> None:
         async for output in engine.generate(request, "bench"):
             if output.text or output.token_ids:
                 timing.arrivals.append(time.perf_counter())
             if output.finish_reason is not None:
                 timing.output_tokens = output.completion_tokens
-        timing.end = time.perf_counter()
-        return timing
 
     return one
 

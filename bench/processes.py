@@ -157,17 +157,23 @@ class ProcessGroup:
 # ---------------------------------------------------------------------- readiness
 
 
-async def wait_for_models(broker_url: str, models: Sequence[str], watch: Sequence[Process], timeout: float) -> None:
-    """Waits until the broker's bus shows a worker for every model; StartupError if a process dies first."""
+async def wait_for_models(
+    broker_url: str, models: Sequence[str], watch: Sequence[Process], timeout: float
+) -> list[str]:
+    """Waits until the bus shows a worker for every model (for any model when none is named).
+
+    Returns the models on offer; StartupError if a watched process dies first.
+    """
     from mesh.client import MeshClient
 
     deadline = time.monotonic() + timeout
     async with MeshClient(broker_url) as client:
-        while not set(models) <= set(client.models()):
+        while not (set(models) <= set(client.models()) if models else client.models()):
             _check_alive(watch)
             if time.monotonic() > deadline:
-                raise StartupError(f"no worker for {', '.join(models)} after {timeout:.0f} s")
+                raise StartupError(f"no worker for {', '.join(models) or 'any model'} after {timeout:.0f} s")
             await asyncio.sleep(0.05)
+        return sorted(client.models())
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

@@ -103,13 +103,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-LOAD_HEADERS = ("label", "conc", "req", "err", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
+LOAD_HEADERS = ("label", "conc", "req", "err/cut", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
                 "ITL p50", "ITL p99", "E2E p50", "E2E p99")
 
 
 def load_rows(labelled: Sequence[tuple[str, LoadSummary]]) -> list[list[object]]:
     return [
-        [label, s.concurrency, s.requests, s.errors, s.request_per_s, s.output_tokens_per_s, s.ttft_ms.p50,
+        [label, s.concurrency, s.requests, f"{s.errors}/{s.cut}", s.request_per_s, s.output_tokens_per_s, s.ttft_ms.p50,
          s.ttft_ms.p99, s.tpot_ms.p50, s.itl_ms.p50, s.itl_ms.p99, s.e2e_ms.p50, s.e2e_ms.p99]
         for label, s in labelled
     ]
