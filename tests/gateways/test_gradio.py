@@ -36,8 +36,20 @@ def start_ui(processes: ProcessGroup, broker_url: str, tmp_path: Path, *extra: s
     auth.write_text(f"# who may chat\n{USER}:{PASSWORD}\n")
     port = free_port()
     ui = processes.mesh(
-        "gradio", "gateway", "gradio", "--broker", broker_url, "--port", str(port),
-        "--gradio-auth-path", str(auth), "--log-dir", str(tmp_path / "votes"), "--model-list-mode", "reload", *extra,
+        "gradio",
+        "gateway",
+        "gradio",
+        "--broker",
+        broker_url,
+        "--port",
+        str(port),
+        "--gradio-auth-path",
+        str(auth),
+        "--log-dir",
+        str(tmp_path / "votes"),
+        "--model-list-mode",
+        "reload",
+        *extra,
     )
     url = f"http://127.0.0.1:{port}/"
     wait_until(lambda: _page_up(url) or not ui.alive(), timeout=120, interval=0.3, message="the UI page")
@@ -82,6 +94,10 @@ def test_errors_are_readable_messages(processes: ProcessGroup, broker_url: str, 
     _, chatbot = client.predict("hi", "syn", 0.7, 1.0, 16, "not-a-number", api_name="/chat")
     assert "seed must be a whole number" in _reply_text(chatbot)
 
+    # The worker refuses it (prompt + max_tokens over the context): the mesh's reason, in the chat.
+    _, chatbot = client.predict("hi", "syn", 0.7, 1.0, 4096, "", api_name="/chat")
+    assert "The mesh refused this request" in _reply_text(chatbot) and "context length" in _reply_text(chatbot)
+
     # Out of a slider's range: Gradio itself refuses it with a one-line reason.
     with pytest.raises(Exception, match="greater than maximum value 2"):
         client.predict("hi", "syn", 5.0, 1.0, 16, "", api_name="/chat")
@@ -114,3 +130,33 @@ def test_votes_are_logged_as_json_lines(tmp_path: Path) -> None:
     assert path.name == "1970-01-01-conv.json"
     line = json.loads(path.read_text().splitlines()[0])
     assert line["type"] == "upvote" and line["model"] == "syn" and len(line["messages"]) == 2
+
+
+def _inflight_seen(broker_url: str, want_busy: bool, timeout: float) -> bool:
+    """Whether the worker's announced in-flight count reaches (busy) or returns to (idle) the wanted state."""
+    import asyncio
+
+    from mesh.client import MeshClient
+
+    async def watch() -> bool:
+        async with MeshClient(broker_url) as client:
+            await client.wait_for_broker(5)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                inflight = sum(w.inflight for w in client.workers())
+                if (inflight > 0) == want_busy and client.workers():
+                    return True
+                await asyncio.sleep(0.05)
+        return False
+
+    return asyncio.run(watch())
+
+
+def test_cancelling_a_reply_cancels_it_on_the_worker(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
+    url = start_ui(processes, broker_url, tmp_path)
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    # 3000 fake tokens 5 ms apart: about 15 s unless cancelled.
+    job = client.submit("a long one", "syn", 0.7, 1.0, 3000, "", api_name="/chat")
+    assert _inflight_seen(broker_url, want_busy=True, timeout=30)
+    job.cancel()
+    assert _inflight_seen(broker_url, want_busy=False, timeout=15), "the request kept running on the worker"

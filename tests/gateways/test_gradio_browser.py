@@ -66,4 +66,3 @@ def test_page_logs_in_and_streams_a_reply(
             assert page.get_by_text("Hello from a real browser").count() >= 1
         finally:
             browser.close()
-

@@ -47,13 +47,29 @@ def _alive_in_groups(groups: set[int]) -> list[int]:
 def test_up_serves_both_ports_and_stops_clean(processes: ProcessGroup) -> None:
     broker, api_port, ui_port = free_broker_url(), free_port(), free_port()
     up = processes.mesh(
-        "up", "up", "--broker", broker, "--api-port", str(api_port), "--ui-port", str(ui_port),
-        "--backend", "synthetic", "--model-names", "syn", "--worker-arg=--itl-ms", "--worker-arg=2",
+        "up",
+        "up",
+        "--broker",
+        broker,
+        "--api-port",
+        str(api_port),
+        "--ui-port",
+        str(ui_port),
+        "--backend",
+        "synthetic",
+        "--model-names",
+        "syn",
+        "--worker-arg=--itl-ms",
+        "--worker-arg=2",
     )
     groups: set[int] = set()
     try:
-        wait_until(lambda: "llm-mesh is up" in up.output() or not up.alive(), timeout=240, interval=0.2,
-                   message="mesh up's banner")
+        wait_until(
+            lambda: "llm-mesh is up" in up.output() or not up.alive(),
+            timeout=240,
+            interval=0.2,
+            message="mesh up's banner",
+        )
         assert up.alive(), up.output()
         children = _children(up.pid)
         assert len(children) == 4, children  # broker, worker, OpenAI gateway, Gradio UI
@@ -80,8 +96,12 @@ def test_up_serves_both_ports_and_stops_clean(processes: ProcessGroup) -> None:
 
 def _run_up(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "up", *args], capture_output=True, text=True, timeout=120,
-        env=mesh_env(), cwd=REPO_ROOT,
+        [sys.executable, "-m", "mesh.cli", "up", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=mesh_env(),
+        cwd=REPO_ROOT,
     )
 
 
@@ -91,8 +111,14 @@ def test_up_refuses_a_taken_port() -> None:
         taken.bind(("127.0.0.1", api_port))
         taken.listen()
         result = _run_up(
-            "--broker", free_broker_url(), "--api-port", str(api_port), "--ui-port", str(free_port()),
-            "--backend", "synthetic",
+            "--broker",
+            free_broker_url(),
+            "--api-port",
+            str(api_port),
+            "--ui-port",
+            str(free_port()),
+            "--backend",
+            "synthetic",
         )
     assert result.returncode != 0
     assert f"port {api_port} is already in use" in result.stderr and "OpenAI API" in result.stderr
@@ -102,8 +128,16 @@ def test_up_refuses_a_taken_port() -> None:
 def test_up_reports_a_child_that_fails_to_start() -> None:
     # An option `mesh worker` rejects: the worker exits at once, and `mesh up` says which part and why.
     result = _run_up(
-        "--broker", free_broker_url(), "--api-port", str(free_port()), "--ui-port", str(free_port()),
-        "--backend", "synthetic", "--worker-arg=--capacity", "--worker-arg=0",
+        "--broker",
+        free_broker_url(),
+        "--api-port",
+        str(free_port()),
+        "--ui-port",
+        str(free_port()),
+        "--backend",
+        "synthetic",
+        "--worker-arg=--capacity",
+        "--worker-arg=0",
     )
     assert result.returncode != 0
     assert "the worker exited with code 2" in result.stderr
