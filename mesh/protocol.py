@@ -239,7 +239,7 @@ def decode(body: bytes, type_: type[T]) -> T:
     """Decodes one body into its type; raises ProtocolError for anything malformed."""
     try:
         return _decoders[type_].decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 raises this
         raise ProtocolError(f"bad {type_.__name__} body: {exc}") from None
 
 
