@@ -28,10 +28,17 @@ def _page_up(url: str) -> bool:
         return False
 
 
-def start_ui(processes: ProcessGroup, broker_url: str, tmp_path: Path, *extra: str) -> str:
+def start_ui(
+    processes: ProcessGroup,
+    broker_url: str,
+    tmp_path: Path,
+    *extra: str,
+    broker_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
+) -> str:
     """Broker, one synthetic worker (fake tokens) serving `syn`, and the UI with a login; returns the UI's URL."""
-    processes.broker(broker_url)
-    processes.synthetic_worker(broker_url, "syn-1", "--itl-ms", "5", models="syn")
+    processes.broker(broker_url, *broker_args)
+    processes.synthetic_worker(broker_url, "syn-1", "--itl-ms", "5", *worker_args, models="syn")
     auth = tmp_path / "users.txt"
     auth.write_text(f"# who may chat\n{USER}:{PASSWORD}\n")
     port = free_port()
@@ -160,3 +167,23 @@ def test_cancelling_a_reply_cancels_it_on_the_worker(processes: ProcessGroup, br
     assert _inflight_seen(broker_url, want_busy=True, timeout=30)
     job.cancel()
     assert _inflight_seen(broker_url, want_busy=False, timeout=15), "the request kept running on the worker"
+
+
+def test_overloaded_and_worker_lost_are_readable(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
+    # One slot and no queue: a second chat is refused at once; then the busy worker is killed mid-reply.
+    url = start_ui(processes, broker_url, tmp_path, broker_args=("--max-queue", "0"), worker_args=("--capacity", "1"))
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    first = client.submit("a long one", "syn", 0.7, 1.0, 3000, "", api_name="/chat")
+    assert _inflight_seen(broker_url, want_busy=True, timeout=30)
+
+    other = Client(url, auth=(USER, PASSWORD), verbose=False)
+    _, chatbot = other.predict("me too", "syn", 0.7, 1.0, 8, "", api_name="/chat")
+    assert "busy" in _reply_text(chatbot), _reply_text(chatbot)
+
+    worker = next(p for p in processes.processes if p.name == "worker-syn-1")
+    worker.kill()
+    _, chatbot = first.result(timeout=60)
+    text = _reply_text(chatbot)
+    assert "went away before it finished" in text and "Traceback" not in text, text
+    # The part of the reply that did arrive stays above the error.
+    assert chatbot[-2]["role"] == "assistant" and _reply_text(chatbot[:-1])
