@@ -1,0 +1,53 @@
+"""Smoke test of `python -m bench`: the relay and overhead suites run end to end and name their figures.
+
+Tiny counts (--smoke): this checks the tooling, never the speed (speed targets live in bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ProcessGroup, mesh_env
+
+
+def run_bench(processes: ProcessGroup, out: Path, *argv: str) -> dict:  # type: ignore[type-arg]
+    bench = processes.start(argv[0], [sys.executable, "-m", "bench", *argv, "--smoke", "--no-progress",
+                                      "--out", str(out)], env=mesh_env())
+    try:
+        code = bench.popen.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bench {argv[0]} still running after 90 s:\n{bench.output()}")
+    assert code == 0, bench.output()
+    return json.loads((out / f"{argv[0]}.json").read_text())
+
+
+def test_relay_reports_frames_and_tokens_per_second(processes: ProcessGroup, tmp_path: Path) -> None:
+    result = run_bench(processes, tmp_path, "relay")
+    assert result["status"] == "ok", result.get("skipped")
+    assert result["summary"]["frames_per_s"] > 0
+    assert result["summary"]["tokens_per_s"] > result["summary"]["frames_per_s"]  # coalesced frames carry more
+    runs = result["results"]
+    assert [r["tokens_per_frame"] for r in runs] == [1, 4, 16]
+    assert all(r["lost"] == 0 and r["frames"] > 0 for r in runs)
+    assert (tmp_path / "relay.png").stat().st_size > 0
+
+
+def test_overhead_reports_added_ttft_per_layer(processes: ProcessGroup, tmp_path: Path) -> None:
+    result = run_bench(processes, tmp_path, "overhead")
+    assert result["status"] == "ok", result.get("skipped")
+    added = result["summary"]["added_ttft_ms"]
+    assert {"p50", "p99"} <= set(added)
+    assert added["p99"] >= added["p50"] - 1.0  # loose: a sanity check on the arithmetic, not a speed target
+    layers = result["results"]
+    assert {"engine", "mesh"} <= set(layers)
+    for series in layers.values():
+        for level in series:
+            assert level["errors"] == 0 and level["requests"] > 0
+            assert level["ttft_ms"]["p50"] is not None and level["e2e_ms"]["p99"] is not None
+    for png in ("overhead_latency.png", "overhead_throughput.png"):
+        assert (tmp_path / png).stat().st_size > 0
