@@ -1,0 +1,300 @@
+"""The vLLM backend: a worker's engine is vLLM's AsyncLLM, streaming DELTA outputs.
+
+vLLM is imported inside start(), so this module (and `mesh worker --help`)
+loads without it. The engine core runs in a child process that vLLM starts
+(with the `spawn` method on CPU); stop() shuts it down, so no engine process
+outlives the worker, after SIGTERM included.
+
+Prompts are tokenized here, with the model's own tokenizer and chat template,
+so that a prompt plus max_tokens over the context is refused with the numbers
+before vLLM sees it, and so that usage counts the exact prompt tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.engines.sampling import validate
+from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
+
+log = logging.getLogger("mesh.engines.vllm")
+
+#: KV cache reserved on CPU unless the user sets one (--engine-arg kv_cache_memory_bytes=... or
+#: VLLM_CPU_KVCACHE_SPACE in GiB). vLLM's CPU default reserves a share of all RAM, which fails on a
+#: shared machine; 1 GiB holds about 45k tokens of SmolLM2-135M, five full 8k contexts.
+CPU_KV_CACHE_BYTES = 1 << 30
+#: Prompts longer than this (characters) are tokenized off the event loop.
+INLINE_TOKENIZE_CHARS = 4096
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+
+
+# ---------------------------------------------------------------------- pure decisions
+
+
+def resolve_dtype(requested: str, device: str, cpu_has_bf16: bool) -> str:
+    """`--dtype auto` on CPU: bfloat16 where the CPU computes it natively, else float32
+    (vLLM's CPU kernels are fastest in bf16 with AVX512-BF16/AMX; emulated bf16 is slow)."""
+    if requested != "auto" or not device.startswith("cpu"):
+        return requested
+    return "bfloat16" if cpu_has_bf16 else "float32"
+
+
+def cpu_has_native_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo flags show bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def engine_arguments(
+    config: EngineConfig, model_path: str, names: Sequence[str], dtype: str, env: Mapping[str, str]
+) -> dict[str, Any]:
+    """The AsyncEngineArgs keywords for this worker; --engine-arg entries override the rest."""
+    args: dict[str, Any] = {
+        "model": model_path,
+        "served_model_name": list(names),
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "max_model_len": config.max_model_len,
+        "dtype": dtype,
+        "quantization": config.quantization,
+        "enforce_eager": config.enforce_eager,
+        # The worker's capacity bounds what the broker sends; let vLLM batch all of it.
+        "max_num_seqs": config.capacity,
+        # The worker reports load itself; vLLM's periodic stats lines would only add noise.
+        "disable_log_stats": True,
+    }
+    if config.device.startswith("cpu"):
+        if not env.get("VLLM_CPU_KVCACHE_SPACE"):
+            args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        # torch.compile on a small CPU takes minutes at start; eager runs the same kernels.
+        args["enforce_eager"] = True
+    args.update(config.engine_args)
+    return {key: value for key, value in args.items() if value is not None}
+
+
+def sampling_arguments(request: GenerateRequest, seed: int | None) -> dict[str, Any]:
+    """The SamplingParams keywords for one request (vLLM reads temperature 0 as greedy, top_k 0 as off)."""
+    return {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "repetition_penalty": request.repetition_penalty,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "stop": list(request.stop) or None,
+        "stop_token_ids": list(request.stop_token_ids) or None,
+        "ignore_eos": request.ignore_eos,
+        "seed": seed,
+        "logprobs": request.logprobs,
+    }
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """Refuses what vLLM would truncate or reject later, naming the numbers."""
+    if prompt_tokens == 0:
+        raise EngineError(ErrorCode.BAD_REQUEST, "the prompt is empty")
+    total = prompt_tokens + max_tokens
+    if total > context_length:
+        raise EngineError(
+            ErrorCode.BAD_REQUEST,
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
+            f"more than the model's context length of {context_length}",
+        )
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    return _FINISH_REASONS.get(reason or "", FinishReason.STOP)
+
+
+def token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]], top: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps -> the chosen token and its `top` best alternatives."""
+    result = []
+    for token_id, entries in zip(token_ids, positions, strict=False):
+        chosen = entries.get(token_id)
+        best = sorted(
+            ((tid, lp) for tid, lp in entries.items() if lp.rank is not None and lp.rank <= top),
+            key=lambda item: item[1].rank,
+        )
+        result.append(
+            TokenLogprob(
+                token_id,
+                (chosen.decoded_token or "") if chosen is not None else "",
+                chosen.logprob if chosen is not None else float("-inf"),
+                [TopLogprob(tid, lp.decoded_token or "", lp.logprob) for tid, lp in best],
+            )
+        )
+    return result
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+class VllmEngine(Engine):
+    backend = "vllm"
+    #: A migrated request's resume_token_ids extend the prompt; generation carries on after them.
+    supports_resume = True
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._sampling_params: Any = None
+        self._delta: Any = None
+        #: What vLLM raises for a request it refuses (its validation errors): bad_request, not internal.
+        self._refusals: tuple[type[BaseException], ...] = (ValueError,)
+        self._names: list[str] = []
+        self._context_length = 0
+        self._vocab_size = 0
+        #: request id -> whether it has produced output yet (no: it is still waiting).
+        self._requests: dict[str, bool] = {}
+
+    @property
+    def model_names(self) -> list[str]:
+        return self._names
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def stats(self) -> EngineStats:
+        waiting = sum(1 for started in self._requests.values() if not started)
+        return EngineStats(running=len(self._requests) - waiting, waiting=waiting)
+
+    async def start(self) -> None:
+        from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from mesh.models import resolve_model
+
+        platform = current_platform.device_type
+        if not self.config.device.startswith(platform):
+            raise ValueError(f"--device {self.config.device}: the installed vLLM runs on {platform!r} only")
+        resolved = await asyncio.to_thread(resolve_model, self.config.model_path, self.config.cache_dir)
+        self._names = list(self.config.model_names or resolved.default_names)
+        dtype = resolve_dtype(self.config.dtype, self.config.device, _cpu_has_bf16())
+        kwargs = engine_arguments(self.config, str(resolved.path), self._names, dtype, os.environ)
+        log.info("starting vLLM on %s (%s, dtype %s)", resolved.path, platform, dtype)
+        try:
+            engine_args = AsyncEngineArgs(**kwargs)
+        except TypeError as exc:  # an --engine-arg vLLM does not know
+            raise ValueError(f"vLLM engine arguments: {exc}") from None
+        self._llm = AsyncLLM.from_engine_args(engine_args)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._context_length = self._llm.model_config.max_model_len
+        self._vocab_size = self._llm.model_config.get_vocab_size()
+        self._sampling_params, self._delta = SamplingParams, RequestOutputKind.DELTA
+        self._refusals = (ValueError, VLLMClientError)
+        await self._warm_up()
+        log.info("vLLM ready: %s, context %d tokens", ", ".join(self._names), self._context_length)
+
+    async def _warm_up(self) -> None:
+        """One short request, so that the first user does not pay for kernel set-up."""
+        params = self._sampling_params(max_tokens=2, output_kind=self._delta, temperature=0)
+        async for _ in self._llm.generate({"prompt_token_ids": self._tokenizer.encode("Hello")}, params, "warm-up"):
+            pass
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            # Blocks until the engine core process has exited (vLLM kills it after a timeout).
+            llm.shutdown()
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and request_id in self._requests:
+            await self._llm.abort(request_id)
+
+    async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
+        if self._llm is None:
+            raise EngineError(ErrorCode.INTERNAL, "the vLLM engine is not running")
+        problem = validate(request)  # the same checks and messages as the transformers backend
+        if problem:
+            raise EngineError(ErrorCode.BAD_REQUEST, problem)
+        prompt_ids, prompt_text = await self._tokenize(request)
+        # A migrated request continues after the tokens another worker produced: they extend the prompt.
+        resumed = list(getattr(request, "resume_token_ids", ()))
+        check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
+        seed = request.seed if request.seed is not None else self.config.seed
+        try:
+            params = self._sampling_params(output_kind=self._delta, **sampling_arguments(request, seed))
+        except self._refusals as exc:  # vLLM's own range checks
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self._requests[request_id] = False
+        produced = len(resumed)
+        try:
+            if request.echo and not resumed:
+                yield EngineOutput(text=prompt_text)
+            if request.max_tokens == 0:  # vLLM refuses 0; answer as the transformers backend does
+                yield EngineOutput(
+                    finish_reason=FinishReason.LENGTH, prompt_tokens=len(prompt_ids), completion_tokens=produced
+                )
+                return
+            stream = self._llm.generate({"prompt_token_ids": prompt_ids + resumed}, params, request_id)
+            # aclosing: when our consumer stops early, vLLM's generator is closed and aborts the request.
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    self._requests[request_id] = True
+                    completion = output.outputs[0]
+                    token_ids = list(completion.token_ids)
+                    produced += len(token_ids)
+                    delta = EngineOutput(text=completion.text, token_ids=token_ids)
+                    if request.logprobs is not None and completion.logprobs:
+                        delta.logprobs = token_logprobs(token_ids, completion.logprobs, request.logprobs)
+                    if output.finished:
+                        delta.finish_reason = finish_reason(completion.finish_reason)
+                        delta.prompt_tokens, delta.completion_tokens = len(prompt_ids), produced
+                    yield delta
+                    if output.finished:
+                        return
+        except self._refusals as exc:  # vLLM's request validation
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def _tokenize(self, request: GenerateRequest) -> tuple[list[int], str]:
+        """The prompt as token ids, and as text (what echo returns)."""
+        given = [request.prompt is not None, request.messages is not None, request.prompt_token_ids is not None]
+        if sum(given) != 1:
+            raise EngineError(ErrorCode.BAD_REQUEST, "give exactly one of prompt, messages or prompt_token_ids")
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            vocab = self._vocab_size
+            if any(not 0 <= i < vocab for i in ids):
+                raise EngineError(ErrorCode.BAD_REQUEST, f"token ids outside the vocabulary (0..{vocab - 1})")
+            return ids, self._tokenizer.decode(ids) if request.echo else ""
+        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        if size <= INLINE_TOKENIZE_CHARS:
+            return self._encode(request)
+        return await asyncio.to_thread(self._encode, request)
+
+    def _encode(self, request: GenerateRequest) -> tuple[list[int], str]:
+        if request.messages is None:
+            text = request.prompt or ""
+            return list(self._tokenizer.encode(text)), text
+        messages = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in request.messages
+        ]
+        try:
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # no chat template, or messages it refuses (roles, order)
+            message = f"the model's chat template rejected the messages: {exc}"
+            raise EngineError(ErrorCode.BAD_REQUEST, message) from None
+        # The template writes its own special tokens.
+        return list(self._tokenizer.encode(text, add_special_tokens=False)), text
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return cpu_has_native_bf16(cpuinfo.read())
+    except OSError:
+        return False
