@@ -135,6 +135,9 @@ class Broker:
         # Every subscription reaches us, so each new subscriber gets a snapshot.
         self.bus_out.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.bus_in.send(b"\x01")  # subscribe to every announcement
+        if self._gatekeeper is not None:
+            roles = {self.front: "clients", self.back: "workers", self.bus_in: "workers", self.bus_out: "clients"}
+            self._gatekeeper.watch(roles)  # type: ignore[arg-type]
         self._sockets_open = True
         log.info("broker listening on %s (dispatch %s)", self.endpoints.front, self.config.dispatch_method)
 
@@ -165,12 +168,12 @@ class Broker:
             self.close()
 
     def close(self) -> None:
+        if self._gatekeeper is not None:
+            self._gatekeeper.stop()  # its monitors go before the sockets they watch
         if self._sockets_open:
             for sock in (self.front, self.back, self.bus_in, self.bus_out):
                 sock.close(linger=0)
             self._sockets_open = False
-        if self._gatekeeper is not None:
-            self._gatekeeper.stop()
         if self._own_context:
             self._context.term()
 

@@ -225,17 +225,74 @@ class _AllowList:
             self._refused[key] = (last, since + 1)
 
 
+class _HandshakeWatch:
+    """Logs handshakes that fail before ZAP is asked (a peer without CURVE, or with another
+    mesh's broker key), read from socket monitors on a thread of its own."""
+
+    EVENTS = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+    def __init__(self) -> None:
+        self._monitors: list[tuple[zmq.Socket, Role]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_logged: dict[tuple[str, str], float] = {}
+        self.failures = 0
+
+    def add(self, socket: zmq.Socket, role: Role) -> None:
+        self._monitors.append((socket.get_monitor_socket(self.EVENTS), role))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mesh-handshake-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        poller = zmq.Poller()
+        roles = {}
+        for monitor, role in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
+            roles[monitor] = role
+        try:
+            while not self._stop.is_set():
+                for monitor, _ in poller.poll(200):
+                    event = recv_monitor_message(monitor)
+                    if event["event"] & self.EVENTS:
+                        self._log(roles[monitor], event["endpoint"].decode(errors="replace"))
+        finally:
+            for monitor, _ in self._monitors:
+                monitor.close(linger=0)
+
+    def _log(self, role: Role, endpoint: str) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._last_logged.get((role, endpoint), float("-inf")) >= REFUSAL_LOG_INTERVAL:
+            self._last_logged[(role, endpoint)] = now
+            log.warning(
+                "refused a connection on %s (%s): CURVE handshake failed, the peer has no keys "
+                "or another mesh's broker key", role, endpoint,
+            )
+
+
 class Gatekeeper:
     """The broker's ZAP authenticator: one allow-list per role, on the broker's own context.
 
     start() must run before the first bind (ZAP requests to a missing handler
-    are refused), and stop() before the context terminates.
+    are refused), and stop() before the context terminates. watch() adds a bound
+    socket whose failed handshakes (those ZAP never sees) are logged too.
     """
 
     def __init__(self, context: zmq.Context, keys_dir: Path) -> None:
         load_broker_keys(keys_dir)  # fail at start-up, with a clear message, not at the first handshake
         self.allow_lists = {role: _AllowList(role, allow_list_dir(keys_dir, role)) for role in ROLES}
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("mesh.security.zap"))
+        self._handshakes = _HandshakeWatch()
         self._started = False
 
     def start(self) -> None:
@@ -246,14 +303,22 @@ class Gatekeeper:
         counts = ", ".join(f"{a.size} {role}" for role, a in self.allow_lists.items())
         log.info("CURVE on: admitting %s", counts)
 
+    def watch(self, sockets: dict[zmq.Socket, Role]) -> None:
+        """Starts logging failed handshakes on these bound sockets (call once, after binding)."""
+        for socket, role in sockets.items():
+            self._handshakes.add(socket, role)
+        self._handshakes.start()
+
     def stop(self) -> None:
+        """Stops the watch and the authenticator; call before closing the sockets."""
+        self._handshakes.stop()
         if self._started:
             self._auth.stop()
             self._started = False
 
     @property
     def refusals(self) -> int:
-        return sum(a.refusals for a in self.allow_lists.values())
+        return sum(a.refusals for a in self.allow_lists.values()) + self._handshakes.failures
 
 
 def gatekeeper_for(context: zmq.Context, security: SecurityConfig) -> Gatekeeper | None:

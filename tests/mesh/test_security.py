@@ -137,4 +137,5 @@ def test_curve_admits_listed_keys_only_and_reloads_lists(processes: ProcessGroup
     log = broker.output()
     assert "refused a connection on workers" in log
     assert "refused a connection on clients" in log
+    assert "CURVE handshake failed" in log  # the plain client, and the one with another mesh's broker key
     assert broker.alive()
