@@ -168,12 +168,13 @@ class Broker:
             self.close()
 
     def close(self) -> None:
-        if self._gatekeeper is not None:
-            self._gatekeeper.stop()  # its monitors go before the sockets they watch
         if self._sockets_open:
             for sock in (self.front, self.back, self.bus_in, self.bus_out):
                 sock.close(linger=0)
             self._sockets_open = False
+        if self._gatekeeper is not None:
+            # Only now: a CURVE socket with no ZAP handler admits anyone who knows the broker's key.
+            self._gatekeeper.stop()
         if self._own_context:
             self._context.term()
 

@@ -310,7 +310,8 @@ class Gatekeeper:
         self._handshakes.start()
 
     def stop(self) -> None:
-        """Stops the watch and the authenticator; call before closing the sockets."""
+        """Stops the watch and the authenticator; call after closing the sockets (a CURVE socket
+        without a ZAP handler admits any peer that knows the broker's key)."""
         self._handshakes.stop()
         if self._started:
             self._auth.stop()
