@@ -10,12 +10,14 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
-from tests.support import ProcessGroup, free_port, wait_until
+from tests.support import ProcessGroup, free_broker_url, free_port, wait_until
 
 USER, PASSWORD = "alice", "s3cret"
 
@@ -64,13 +66,34 @@ def start_ui(
     return url
 
 
+@dataclass(frozen=True)
+class UI:
+    url: str
+    broker_url: str
+
+
+@pytest.fixture(scope="module")
+def shared_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
+    """One broker + synthetic worker + UI for the tests that leave them running (saves a UI start per test)."""
+    workdir = tmp_path_factory.mktemp("gradio-ui")
+    group = ProcessGroup(workdir)
+    broker_url = free_broker_url()
+    try:
+        yield UI(start_ui(group, broker_url, workdir), broker_url)
+    except BaseException:
+        print(group.dump_logs())
+        raise
+    finally:
+        group.stop_all()
+
+
 def _reply_text(chatbot: list[dict]) -> str:  # type: ignore[type-arg]
     content = chatbot[-1]["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
-def test_chat_streams_a_reply_and_login_is_enforced(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
-    url = start_ui(processes, broker_url, tmp_path)
+def test_chat_streams_a_reply_and_login_is_enforced(shared_ui: UI) -> None:
+    url = shared_ui.url
 
     with pytest.raises(Exception, match=r"(?i)login|credentials|auth|401|403"):
         Client(url, auth=(USER, "wrong"), verbose=False)
@@ -91,8 +114,8 @@ def test_chat_streams_a_reply_and_login_is_enforced(processes: ProcessGroup, bro
     assert _reply_text(again).split("\n\n<sub>")[0] == final.split("\n\n<sub>")[0]
 
 
-def test_errors_are_readable_messages(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
-    url = start_ui(processes, broker_url, tmp_path)
+def test_bad_input_gets_a_readable_message(shared_ui: UI) -> None:
+    url = shared_ui.url
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
 
     _, chatbot = client.predict("hi", "no-such-model", 0.7, 1.0, 16, "", api_name="/chat")
@@ -109,16 +132,9 @@ def test_errors_are_readable_messages(processes: ProcessGroup, broker_url: str, 
     with pytest.raises(Exception, match="greater than maximum value 2"):
         client.predict("hi", "syn", 5.0, 1.0, 16, "", api_name="/chat")
 
-    # The broker goes away: the chat says so instead of hanging or crashing.
-    processes.processes[0].stop()
-    time.sleep(0.5)
-    _, chatbot = client.predict("still there?", "syn", 0.7, 1.0, 16, "", api_name="/chat")
-    text = _reply_text(chatbot)
-    assert text.startswith("⚠️") and "Traceback" not in text, text
 
-
-def test_clear_resets_the_chat(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
-    url = start_ui(processes, broker_url, tmp_path)
+def test_clear_resets_the_chat(shared_ui: UI) -> None:
+    url = shared_ui.url
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
     client.predict("one", "syn", 0.7, 1.0, 8, "", api_name="/chat")
     chatbot, _ = client.predict(api_name="/clear")
@@ -159,8 +175,8 @@ def _inflight_seen(broker_url: str, want_busy: bool, timeout: float) -> bool:
     return asyncio.run(watch())
 
 
-def test_cancelling_a_reply_cancels_it_on_the_worker(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
-    url = start_ui(processes, broker_url, tmp_path)
+def test_cancelling_a_reply_cancels_it_on_the_worker(shared_ui: UI) -> None:
+    url, broker_url = shared_ui.url, shared_ui.broker_url
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
     # 3000 fake tokens 5 ms apart: about 15 s unless cancelled.
     job = client.submit("a long one", "syn", 0.7, 1.0, 3000, "", api_name="/chat")
@@ -187,3 +203,9 @@ def test_overloaded_and_worker_lost_are_readable(processes: ProcessGroup, broker
     assert "went away before it finished" in text and "Traceback" not in text, text
     # The part of the reply that did arrive stays above the error.
     assert chatbot[-2]["role"] == "assistant" and _reply_text(chatbot[:-1])
+
+    # The broker goes away too: the chat says so instead of hanging or crashing.
+    processes.processes[0].stop()
+    _, chatbot = client.predict("still there?", "syn", 0.7, 1.0, 16, "", api_name="/chat")
+    text = _reply_text(chatbot)
+    assert text.startswith("⚠️") and "Traceback" not in text, text
