@@ -200,7 +200,7 @@ class VllmEngine(Engine):
     async def _warm_up(self) -> None:
         """One short request, so that the first user does not pay for kernel set-up."""
         params = self._sampling_params(max_tokens=2, output_kind=self._delta, temperature=0)
-        async for _ in self._llm.generate({"prompt_token_ids": self._tokenizer.encode("Hello")}, params, "warm-up"):
+        async for _ in self._llm.generate(self._engine_input(self._tokenizer.encode("Hello")), params, "warm-up"):
             pass
 
     async def stop(self) -> None:
@@ -238,7 +238,7 @@ class VllmEngine(Engine):
                     finish_reason=FinishReason.LENGTH, prompt_tokens=len(prompt_ids), completion_tokens=produced
                 )
                 return
-            stream = self._llm.generate({"prompt_token_ids": prompt_ids + resumed}, params, request_id)
+            stream = self._llm.generate(self._engine_input(prompt_ids + resumed), params, request_id)
             # aclosing: when our consumer stops early, vLLM's generator is closed and aborts the request.
             async with contextlib.aclosing(stream):
                 async for output in stream:
@@ -259,6 +259,16 @@ class VllmEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         finally:
             self._requests.pop(request_id, None)
+
+    def _engine_input(self, token_ids: list[int]) -> Any:
+        """Token ids as vLLM takes them: rendered by its renderer where it has one (vLLM >= 0.3x
+        deprecates raw prompts), else the plain token prompt."""
+        prompt = {"prompt_token_ids": token_ids}
+        render = getattr(getattr(self._llm, "renderer", None), "render_cmpl", None)
+        if render is None:
+            return prompt
+        (engine_input,) = render([prompt])
+        return engine_input
 
     async def _tokenize(self, request: GenerateRequest) -> tuple[list[int], str]:
         """The prompt as token ids, and as text (what echo returns)."""
