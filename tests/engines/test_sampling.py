@@ -1,0 +1,174 @@
+"""Pure pieces of the transformers backend: sampling, stop strings, incremental detokenization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mesh.engines import sampling
+from mesh.engines.detokenize import IncrementalDetokenizer
+from mesh.engines.stop import StopMatcher
+from mesh.protocol import GenerateRequest
+
+VOCAB = 50
+
+
+def _logits(seed: int = 0) -> torch.Tensor:
+    return torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed))
+
+
+def _params(**kw: object) -> sampling.SamplingParams:
+    return sampling.SamplingParams(**kw)  # type: ignore[arg-type]
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = _logits()
+    generator, _ = sampling.make_generator(1)
+    assert sampling.sample(logits, _params(temperature=0.0), generator) == int(logits.argmax())
+
+
+def test_same_seed_same_draws_and_other_seed_differs() -> None:
+    logits = _logits()
+    params = _params(temperature=1.0)
+
+    def draws(seed: int) -> list[int]:
+        generator, _ = sampling.make_generator(seed)
+        return [sampling.sample(logits, params, generator) for _ in range(30)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_missing_seed_gets_a_random_one() -> None:
+    _, a = sampling.make_generator(None)
+    _, b = sampling.make_generator(None)
+    assert a != b
+
+
+def test_top_k_keeps_only_the_k_best() -> None:
+    logits = _logits(3)
+    best = set(torch.topk(logits, 3).indices.tolist())
+    generator, _ = sampling.make_generator(0)
+    seen = {sampling.sample(logits, _params(temperature=5.0, top_k=3), generator) for _ in range(200)}
+    assert seen <= best and len(seen) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    out = sampling.filter_logits(logits, _params(top_p=0.7))
+    assert torch.isfinite(out).tolist() == [True, True, False, False]
+    # A tiny top_p still keeps the most likely token.
+    out = sampling.filter_logits(logits, _params(top_p=0.01))
+    assert torch.isfinite(out).tolist() == [True, False, False, False]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down() -> None:
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    counts = sampling.TokenCounts(3, prompt_ids=[0, 1])
+    out = sampling.apply_penalties(logits, _params(repetition_penalty=2.0), counts)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
+    logits = torch.zeros(3)
+    counts = sampling.TokenCounts(3, prompt_ids=[2])
+    counts.add(0)
+    counts.add(0)
+    counts.add(1)
+    out = sampling.apply_penalties(logits, _params(presence_penalty=0.5, frequency_penalty=0.25), counts)
+    assert out.tolist() == pytest.approx([-1.0, -0.75, 0.0])
+
+
+def test_logprobs_are_the_models_distribution() -> None:
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    chosen, top = sampling.token_logprobs(logits, 1, 2)
+    assert chosen == pytest.approx(math.log(0.3), abs=1e-6)
+    assert [t for t, _ in top] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1), ("logprobs", 21), ("presence_penalty", 3.0)],
+)
+def test_validate_names_the_bad_setting(field: str, value: object) -> None:
+    request = GenerateRequest(model="m", prompt="x", **{field: value})  # type: ignore[arg-type]
+    assert field in (sampling.validate(request) or "")
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+def _stream(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:
+    out = ""
+    for piece in pieces:
+        result = matcher.feed(piece)
+        out += result.text
+        if result.stopped:
+            return out, True
+    return out + matcher.flush(), False
+
+
+def test_stop_string_spanning_tokens_is_never_emitted() -> None:
+    matcher = StopMatcher(["STOP"])
+    emitted = []
+    for piece in ["Hello S", "T", "O", "P and more"]:
+        result = matcher.feed(piece)
+        emitted.append(result.text)
+        if result.stopped:
+            break
+    assert "".join(emitted) == "Hello "
+    assert result.stopped
+    assert not any("S" in e for e in emitted)
+
+
+def test_held_text_is_released_when_it_is_not_a_stop() -> None:
+    assert _stream(StopMatcher(["STOP"]), ["a S", "T", "x"]) == ("a STx", False)
+    assert _stream(StopMatcher(["STOP"]), ["end S"]) == ("end S", False)  # flushed at the end
+
+
+def test_earliest_of_several_stop_strings_wins() -> None:
+    assert _stream(StopMatcher(["b", "cd"]), ["a cd b"]) == ("a ", True)
+
+
+def test_no_stop_strings_passes_text_through() -> None:
+    assert StopMatcher([]).feed("anything").text == "anything"
+
+
+# --------------------------------------------------------------------------- detokenization
+
+
+class _ByteTokenizer:
+    """Token i is one UTF-8 byte; decoding joins bytes (like a byte-level BPE), U+FFFD for broken ones."""
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_multibyte_characters_are_never_split() -> None:
+    text = "héllo 🙂 wörld"
+    detok = IncrementalDetokenizer(_ByteTokenizer().decode)
+    deltas = [detok.add(b) for b in text.encode()]
+    assert "".join(deltas) + detok.flush() == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_detokenization_matches_a_full_decode_with_the_real_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from mesh.models import cache_root, default_gguf_path
+
+    folder = cache_root() / "smollm2-135m-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        from tests.support import ARTIFACTS
+
+        folder = ARTIFACTS / "models" / "smollm2-135m-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no converted default model yet (run the model tests first); source {default_gguf_path()}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    text = "Hello world,  two  spaces; naïve café 🙂 — 東京\n  indented"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(lambda i: tokenizer.decode(i, skip_special_tokens=True))
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True)

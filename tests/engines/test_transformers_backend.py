@@ -1,0 +1,186 @@
+"""The transformers backend with the real default model, on CPU, through real `mesh` processes.
+
+One broker and two workers serve the whole module (starting them costs more
+than the tests): worker A batches (the default), worker B runs with
+--deterministic. Besides the shared name, each has its own alias, so a test
+can address one worker. Outputs are kept short: the machine is small and shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.client import MeshClient
+from mesh.errors import BadRequestError
+from mesh.models import DEFAULT_MODEL_NAME, resolve_model
+from mesh.protocol import ChatMessage, FinishReason, GenerateRequest
+from tests.support import ARTIFACTS, ProcessGroup, free_broker_url, wait_for_workers
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(240)]
+
+CACHE = ARTIFACTS / "models"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default model, converted once per session (and kept across sessions) under the artifacts."""
+    return resolve_model(None, str(CACHE)).path
+
+
+@pytest.fixture(scope="module")
+def mesh_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = free_broker_url()
+    group = ProcessGroup(tmp_path_factory.mktemp("transformers-mesh"))
+    try:
+        group.broker(url)
+        common = ("worker", "--broker", url, "--cache-dir", str(CACHE), "--capacity", "10")
+        group.mesh("worker-a", *common, "--worker-id", "a", "--model-names", f"{DEFAULT_MODEL_NAME},tiny-a")
+        group.mesh(
+            "worker-b", *common, "--worker-id", "b", "--model-names", f"{DEFAULT_MODEL_NAME},tiny-b", "--deterministic"
+        )
+
+        async def ready() -> None:
+            async with MeshClient(url) as client:
+                await wait_for_workers(client, 2, timeout=150)
+
+        try:
+            asyncio.run(ready())
+        except TimeoutError:
+            print(group.dump_logs())
+            raise
+        yield url
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+async def client(mesh_url: str) -> AsyncIterator[MeshClient]:
+    async with MeshClient(mesh_url, timeout=120) as c:
+        yield c
+
+
+def chat(text: str, **kw: object) -> GenerateRequest:
+    kw.setdefault("model", "tiny-a")
+    return GenerateRequest(messages=[ChatMessage("user", text)], **kw)  # type: ignore[arg-type]
+
+
+async def test_greedy_output_equals_transformers_generate(client: MeshClient, model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "The three primary colors are"
+    done = await client.complete(GenerateRequest(model="tiny-a", prompt=prompt, max_tokens=12, temperature=0))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    reference = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+
+    assert done.token_ids, done
+    assert done.token_ids == reference[: len(done.token_ids)]
+    assert done.text == tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    assert done.usage.prompt_tokens == ids.shape[1]
+
+
+async def test_stop_string_ends_the_output_and_is_not_emitted(client: MeshClient) -> None:
+    free = await client.complete(chat("Count from 1 to 10, separated by commas.", max_tokens=24, temperature=0))
+    # Stop on a piece of the greedy text that most likely spans tokens: a digit and the comma after it.
+    assert "3," in free.text, free.text
+    stopped = await client.complete(
+        chat("Count from 1 to 10, separated by commas.", max_tokens=24, temperature=0, stop=["3,"])
+    )
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.text == free.text[: free.text.index("3,")]
+
+
+async def test_same_seed_same_text_serially_and_other_seed_differs(client: MeshClient) -> None:
+    request = chat("Hello!", max_tokens=16, temperature=0.8, seed=1)
+    first = await client.complete(request)
+    again = await client.complete(request)
+    other = await client.complete(chat("Hello!", max_tokens=16, temperature=0.8, seed=2))
+    assert first.token_ids == again.token_ids and first.text == again.text
+    assert other.token_ids != first.token_ids
+
+
+async def test_same_seed_same_text_among_eight_concurrent_requests(client: MeshClient) -> None:
+    request = chat("Write a haiku.", max_tokens=16, temperature=0.8, seed=1, ignore_eos=True)
+    alone = await client.complete(request)
+    others = [
+        chat(f"Tell me about {topic}.", max_tokens=16, temperature=0.8, seed=i, ignore_eos=True)
+        for i, topic in enumerate(["cats", "rain", "tea", "rome", "math", "jazz", "snow"])
+    ]
+    results = await asyncio.gather(*(client.complete(r) for r in [*others[:3], request, *others[3:]]))
+    assert results[3].token_ids == alone.token_ids
+    assert results[3].text == alone.text
+
+
+async def test_two_workers_give_the_same_text_for_the_same_seed(client: MeshClient) -> None:
+    a = await client.complete(chat("Name a fruit.", model="tiny-a", max_tokens=16, temperature=0.9, seed=42))
+    b = await client.complete(chat("Name a fruit.", model="tiny-b", max_tokens=16, temperature=0.9, seed=42))
+    assert (a.worker_id, b.worker_id) == ("a", "b")
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+async def test_cancel_frees_the_slot(client: MeshClient) -> None:
+    def inflight() -> int:
+        return next(w.inflight for w in client.workers() if w.worker_id == "b")
+
+    stream = client.generate(chat("Tell me a long story.", model="tiny-b", max_tokens=400, ignore_eos=True))
+    async for _ in stream:
+        break  # one chunk: the request is running
+    await stream.aclose()
+    for _ in range(300):
+        if inflight() == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert inflight() == 0
+    done = await client.complete(chat("Hi", model="tiny-b", max_tokens=4))
+    assert done.usage.completion_tokens >= 1
+
+
+async def test_closing_the_stream_frees_the_engine_row(model_dir: Path) -> None:
+    """The engine itself (in this process, the real model): a closed generate() leaves the batch."""
+    from mesh.engines import EngineConfig, create_engine
+
+    engine = create_engine(EngineConfig(cache_dir=str(CACHE), capacity=4))
+    await engine.start()
+    try:
+        long = chat("Tell me a long story.", max_tokens=400, ignore_eos=True)
+        short = chat("Hi", max_tokens=6, ignore_eos=True, temperature=0)
+        stream = engine.generate(long, "long")
+        async for _ in stream:
+            break
+        assert engine.stats().running == 1
+        await stream.aclose()
+        outputs = [o async for o in engine.generate(short, "short")]  # served while the row is dropped
+        assert outputs[-1].finish_reason is FinishReason.LENGTH and outputs[-1].completion_tokens == 6
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        # abort() ends a running request with finish reason ABORT.
+        stream = engine.generate(long, "aborted")
+        first = await anext(stream)
+        await engine.abort("aborted")
+        rest = [o async for o in stream]
+        assert first.finish_reason is None and rest[-1].finish_reason is FinishReason.ABORT
+    finally:
+        await engine.stop()
+
+
+async def test_prompt_over_the_context_is_a_clean_error(client: MeshClient) -> None:
+    with pytest.raises(BadRequestError) as info:
+        await client.complete(chat("Hello", max_tokens=9000))
+    message = info.value.message
+    assert "9000" in message and "8192" in message
+
+
+async def test_echo_and_logprobs(client: MeshClient) -> None:
+    done = await client.complete(
+        GenerateRequest(model="tiny-a", prompt="Paris is", max_tokens=3, temperature=0, echo=True, logprobs=2)
+    )
+    assert done.text.startswith("Paris is")
+    assert len(done.logprobs) == len(done.token_ids) == 3
+    for entry in done.logprobs:
+        assert entry.logprob <= 0 and len(entry.top) == 2
+        assert entry.top[0].token_id == entry.token_id  # greedy: the chosen token is the most likely
