@@ -278,10 +278,12 @@ def build_app(config: GradioConfig, link: MeshLink | None = None) -> gr.Blocks:
         params = [model, temperature, top_p, max_tokens, seed]
         chat_inputs = [message, conversation, *params]
         chat_outputs = [message, chatbot, conversation]
-        submitted = message.submit(h.chat, chat_inputs, chat_outputs, api_name="chat")
-        clicked = send.click(h.chat, chat_inputs, chat_outputs, api_visibility=private)
+        # One pool for every event that generates: --concurrency-count bounds them together.
+        pool = {"concurrency_id": "generate", "concurrency_limit": config.concurrency_count}
+        submitted = message.submit(h.chat, chat_inputs, chat_outputs, api_name="chat", **pool)
+        clicked = send.click(h.chat, chat_inputs, chat_outputs, api_visibility=private, **pool)
         regenerated = regenerate.click(
-            h.regenerate, [conversation, *params], [chatbot, conversation], api_name="regenerate"
+            h.regenerate, [conversation, *params], [chatbot, conversation], api_name="regenerate", **pool
         )
         stop.click(None, None, None, cancels=[submitted, clicked, regenerated], api_visibility=private)
         clear.click(h.clear, None, [chatbot, conversation, notice], api_name="clear")
