@@ -209,3 +209,33 @@ def test_overloaded_and_worker_lost_are_readable(processes: ProcessGroup, broker
     _, chatbot = client.predict("still there?", "syn", 0.7, 1.0, 16, "", api_name="/chat")
     text = _reply_text(chatbot)
     assert text.startswith("⚠️") and "Traceback" not in text, text
+
+
+def test_chat_decisions_are_pure_functions() -> None:
+    from gateways.gradio.conversation import (
+        Conversation,
+        InputError,
+        ReplyTiming,
+        Turn,
+        check_sampling,
+        parse_seed,
+        reply_note,
+        to_request,
+    )
+
+    assert parse_seed("") is None and parse_seed("42") == 42 and parse_seed(7.0) == 7
+    for bad in ("x", "1.5", "-1"):
+        with pytest.raises(InputError):
+            parse_seed(bad)
+    with pytest.raises(InputError, match="Choose a model"):
+        check_sampling(None, 0.7, 1.0, 16, "")
+    with pytest.raises(InputError, match="Top-p"):
+        check_sampling("m", 0.7, 0.0, 16, "")
+
+    chat = Conversation([Turn("user", "hi"), Turn("assistant", "oops", error=True), Turn("user", "again")])
+    request = to_request(chat, check_sampling("m", 0.5, 0.9, 32, "3"))
+    assert [(m.role, m.content) for m in request.messages or []] == [("user", "hi"), ("user", "again")]
+    assert (request.model, request.max_tokens, request.temperature, request.seed) == ("m", 32, 0.5, 3)
+
+    note = reply_note(ReplyTiming(worker_id="w1", ttft_s=0.1, elapsed_s=1.1, tokens=11))
+    assert note == "worker w1 · first token 100 ms · 10.0 tokens/s · 11 tokens"
