@@ -93,8 +93,7 @@ class _Handlers:
     async def _live_models(self) -> list[str]:
         try:
             client = await self.link.client()
-            if client.broker_info is None:
-                await client.wait_for_broker()
+            await client.wait_for_broker()  # at once after the first snapshot; until then, every worker
         except MeshError as exc:
             log.warning("model list: %s", exc.message)
             return []
