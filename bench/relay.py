@@ -15,6 +15,8 @@ queue would make the broker abandon the request, as it should).
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +45,12 @@ MODEL = "relay-bench"
 WORKER_ID = "relay-bench-worker"
 #: Frames sent but not yet received: well under the sockets' high-water marks.
 WINDOW = 4000
-ANNOUNCE_EVERY_S = 0.3
+ANNOUNCE_EVERY_S = 0.2
 FRAMES_TARGET = 100_000  # issue 2
 TOKENS_TARGET = 150_000  # issue 6, coalesced
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RelayRun:
     tokens_per_frame: int
     streams: int
@@ -58,34 +60,57 @@ class RelayRun:
     tokens_per_s: float
     frame_bytes: int
     lost: int
+    #: Broker CPU (user + system) per relayed frame, and the frames/s one busy core would give:
+    #: robust on a shared machine, where wall-clock throughput is not.
+    broker_cpu_us_per_frame: float | None = None
+    frames_per_broker_cpu_s: float | None = None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class _Ends:
-    """The fake worker and fake client, with their sockets."""
+    """The fake worker and fake client, with their sockets.
+
+    The fake worker's heartbeat runs on its own thread (and PUB socket): a
+    load generator starved by a busy machine must not look dead to the broker.
+    """
 
     def __init__(self, broker_url: str) -> None:
         endpoints = Endpoints.from_url(broker_url)
         security = SecurityConfig()
         self.context = zmq.Context()
         self.worker = transport.connect(self.context, zmq.DEALER, endpoints.back, security, WORKER_ID.encode())
-        self.bus = transport.connect(self.context, zmq.PUB, endpoints.bus_in, security)
         self.client = transport.connect(self.context, zmq.DEALER, endpoints.front, security)
-        self.started_at = time.time()
-        self.seq = 0
-        self.last_announce = 0.0
+        self._bus_url = endpoints.bus_in
+        self._started_at = time.time()
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._announce_loop, name="relay-heartbeat", daemon=True)
+        self._heartbeat.start()
 
-    def announce(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_announce < ANNOUNCE_EVERY_S:
-            return
-        self.last_announce = now
-        self.seq += 1
-        announcement = Announcement(worker_id=WORKER_ID, models=[MODEL], backend="relay-bench", capacity=4096,
-                                    started_at=self.started_at, seq=self.seq)
-        self.bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(announcement)])
+    def _announce_loop(self) -> None:
+        bus = transport.connect(self.context, zmq.PUB, self._bus_url, SecurityConfig())
+        try:
+            seq = 0
+            while not self._stop.is_set():
+                seq += 1
+                announcement = Announcement(worker_id=WORKER_ID, models=[MODEL], backend="relay-bench",
+                                            capacity=4096, started_at=self._started_at, seq=seq)
+                bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(announcement)])
+                self._stop.wait(ANNOUNCE_EVERY_S)
+        finally:
+            bus.close(linger=0)
 
     def close(self) -> None:
-        for sock in (self.worker, self.bus, self.client):
+        self._stop.set()
+        self._heartbeat.join()
+        for sock in (self.worker, self.client):
             sock.close(linger=0)
         self.context.term()
 
@@ -97,8 +122,7 @@ class _Ends:
         while len(received) < count:
             if time.monotonic() > deadline:
                 raise StartupError(f"the broker dispatched {len(received)} of {count} relay requests")
-            self.announce(force=True)
-            time.sleep(0.1)
+            time.sleep(0.2)
             pending = [new_request_id() for _ in range(count - len(received))]
             for request_id in pending:
                 self.client.send_multipart([pack_header(Kind.SUBMIT, request_id), MODEL.encode(), body])
@@ -127,8 +151,10 @@ class _Ends:
             return count
 
 
-def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: int, max_seconds: float) -> RelayRun:
+def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: int, max_seconds: float,
+          broker_pid: int) -> RelayRun:
     """Sends `frames` TOKENS frames round-robin over the requests and counts what the client receives."""
+    cpu_before = cpu_seconds(broker_pid)
     chunk = TokenChunk(" tok" * tokens_per_frame, list(range(1000, 1000 + tokens_per_frame)))
     body = encode(chunk)
     messages = [[pack_header(Kind.TOKENS, rid), body] for rid in request_ids]
@@ -157,7 +183,6 @@ def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: 
             pass
         if sent - received >= WINDOW or sent >= frames:
             ends.client.poll(5, zmq.POLLIN)
-        ends.announce()
         if time.perf_counter() > deadline:
             break
     elapsed = time.perf_counter() - started
@@ -166,9 +191,14 @@ def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: 
     while received < sent and time.monotonic() < settle:
         if ends.client.poll(20, zmq.POLLIN):
             received += ends._drain_client()
+    cpu_after = cpu_seconds(broker_pid)
     frames_per_s = received / elapsed if elapsed > 0 else 0.0
-    return RelayRun(tokens_per_frame, streams, received, round(elapsed, 4), frames_per_s,
-                    frames_per_s * tokens_per_frame, len(body) + len(messages[0][0]), sent - received)
+    run = RelayRun(tokens_per_frame, streams, received, round(elapsed, 4), frames_per_s,
+                   frames_per_s * tokens_per_frame, len(body) + len(messages[0][0]), sent - received)
+    if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before and received:
+        cpu = cpu_after - cpu_before
+        run.broker_cpu_us_per_frame, run.frames_per_broker_cpu_s = cpu * 1e6 / received, received / cpu
+    return run
 
 
 def finish_streams(ends: _Ends, request_ids: list[bytes]) -> None:
@@ -195,9 +225,9 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
         ends = _Ends(url)
         try:
             request_ids = ends.open_streams(streams)
-            blast(ends, request_ids, 1, min(frames, 5000), max_seconds)  # warm-up
+            blast(ends, request_ids, 1, min(frames, 5000), max_seconds, broker.pid)  # warm-up
             for tokens_per_frame in tqdm([1, *coalesce], desc="relay", disable=not progress, unit="run"):
-                runs.append(blast(ends, request_ids, tokens_per_frame, frames, max_seconds))
+                runs.append(blast(ends, request_ids, tokens_per_frame, frames, max_seconds, broker.pid))
             finish_streams(ends, request_ids)
         finally:
             ends.close()
@@ -209,6 +239,8 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
         "tokens_per_s_uncoalesced": round(single.tokens_per_s),
         "coalesced_tokens_per_frame": best.tokens_per_frame,
         "coalesced_frames_per_s": round(best.frames_per_s),
+        "broker_cpu_us_per_frame": single.broker_cpu_us_per_frame,
+        "frames_per_broker_cpu_s": round(single.frames_per_broker_cpu_s or 0),
     }
     targets = [
         Target("relay frames/s (1 token per frame)", f">= {FRAMES_TARGET:,}", summary["frames_per_s"],

@@ -179,10 +179,10 @@ class Broker:
             self._context.term()
 
     def _drain(self, sock: zmq.Socket, handler) -> None:  # type: ignore[no-untyped-def]
-        recv = sock.recv_multipart
+        recv = transport.recv_nowait
         for _ in range(DRAIN_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(sock)
             except zmq.Again:
                 return
             try:
@@ -263,7 +263,7 @@ class Broker:
     def _reply(self, client: bytes, frames: list[bytes]) -> bool:
         """Sends to a client; False when it is gone or not reading."""
         try:
-            self.front.send_multipart([client, *frames], zmq.NOBLOCK)
+            transport.send_nowait(self.front, [client, *frames])
             return True
         except _ROUTING_ERRORS:
             return False
@@ -292,7 +292,7 @@ class Broker:
 
     def _to_worker(self, worker_id: bytes, frames: list[bytes]) -> bool:
         try:
-            self.back.send_multipart([worker_id, *frames], zmq.NOBLOCK)
+            transport.send_nowait(self.back, [worker_id, *frames])
             return True
         except _ROUTING_ERRORS:
             return False  # not connected yet, or not reading: the heartbeat decides its fate
@@ -458,7 +458,7 @@ class Broker:
 
     def _publish(self, frames: list[bytes]) -> None:
         try:
-            self.bus_out.send_multipart(frames, zmq.NOBLOCK)
+            transport.send_nowait(self.bus_out, frames)
         except zmq.Again:
             self.dropped["bus_full"] += 1
 

@@ -51,6 +51,32 @@ def connect(
     return sock
 
 
+# The hot path calls the C-level send and recv directly, with plain int flags: pyzmq's
+# send_multipart / recv_multipart spend most of their time in enum flag arithmetic
+# and type checks (a profile of the broker: over half its time), not in libzmq.
+_raw_send = zmq.backend.Socket.send
+_raw_recv = zmq.backend.Socket.recv
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
+
+def send_nowait(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """send_multipart(frames, NOBLOCK), about 5x cheaper; raises zmq.Again (or ZMQError) as it does."""
+    for frame in frames[:-1]:
+        _raw_send(sock, frame, _SNDMORE_NOBLOCK)
+    _raw_send(sock, frames[-1], _NOBLOCK)
+
+
+def recv_nowait(sock: zmq.Socket) -> list[bytes]:
+    """recv_multipart(NOBLOCK) as bytes, about 2x cheaper; raises zmq.Again when nothing waits."""
+    frame = _raw_recv(sock, _NOBLOCK, False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _raw_recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
+    return parts
+
+
 class AsyncChannel:
     """A plain ZeroMQ socket driven from asyncio, with non-blocking fast paths.
 
@@ -84,12 +110,12 @@ class AsyncChannel:
 
     async def receive_batch(self, limit: int = 512) -> list[list[bytes]]:
         """Waits for at least one message and returns all that are waiting (up to `limit`)."""
-        recv = self.socket.recv_multipart
+        sock = self.socket
         while True:
             batch: list[list[bytes]] = []
             try:
                 while len(batch) < limit:
-                    batch.append(recv(zmq.NOBLOCK))
+                    batch.append(recv_nowait(sock))
             except zmq.Again:
                 pass
             if batch:
@@ -101,7 +127,7 @@ class AsyncChannel:
     def send(self, frames: list[bytes]) -> None:
         if not self._outbox:
             try:
-                self.socket.send_multipart(frames, zmq.NOBLOCK)
+                send_nowait(self.socket, frames)
             except zmq.Again:
                 pass
             else:
@@ -119,7 +145,7 @@ class AsyncChannel:
         try:
             while self._outbox:
                 try:
-                    self.socket.send_multipart(self._outbox[0], zmq.NOBLOCK)
+                    send_nowait(self.socket, self._outbox[0])
                 except zmq.Again:
                     self._writable.clear()
                     self._check_events()
