@@ -452,6 +452,11 @@ class _Generation:
             await writer.send(DONE_EVENT)
             await writer.close()
             return writer.response
+        except ConnectionError:
+            # The client went away mid-stream; leaving the aclosing block has cancelled the request.
+            log.debug("request %s: the client disconnected mid-stream", self.request[REQUEST_ID])
+            assert writer is not None
+            return writer.response
         finally:
             metrics.in_flight.dec()
             self._count_tokens()

@@ -118,6 +118,19 @@ def ssl_context_for(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
+class _QuietBadHttp(logging.Filter):
+    """aiohttp logs a request it cannot even parse (a NUL in a header, say) with a traceback; it has
+    already answered 400, so one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import BadHttpMessage
+
+        if record.exc_info and isinstance(record.exc_info[1], BadHttpMessage):
+            record.msg, record.args = "unparsable HTTP request answered 400: %s", (record.exc_info[1].message,)
+            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+        return True
+
+
 class GatewayService:
     """Serves the app until stop(); the runner's cleanup closes the MeshClient and open streams."""
 
@@ -134,6 +147,7 @@ class GatewayService:
         config = self.config
         if not _is_loopback(config.host) and not config.api_keys:
             log.warning("listening on %s with no --api-keys: anyone who reaches it can use the models", config.host)
+        logging.getLogger("aiohttp.server").addFilter(_QuietBadHttp())
         runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
         await runner.setup()
         try:

@@ -32,6 +32,7 @@ class ApiError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = {}
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -40,7 +41,9 @@ class ApiError(Exception):
         return orjson.dumps(self.body())
 
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.encode(), content_type="application/json")
+        return web.Response(
+            status=self.status, body=self.encode(), content_type="application/json", headers=self.headers
+        )
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
@@ -96,4 +99,7 @@ def from_http_exception(exc: web.HTTPException) -> ApiError:
     if exc.status == 413:
         message = f"{message} ({exc.text})"
     type_ = "invalid_request_error" if exc.status < 500 else "server_error"
-    return ApiError(exc.status, message, type_, code=code)
+    error = ApiError(exc.status, message, type_, code=code)
+    if "Allow" in exc.headers:
+        error.headers["Allow"] = exc.headers["Allow"]  # RFC 9110: a 405 lists the methods that would work
+    return error

@@ -37,6 +37,24 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {code: {"description": _ERROR_STATUSES[code], "content": _json(schemas.ErrorResponse)} for code in statuses}
 
 
+def _sse_event(chunk: type[BaseModel]) -> dict[str, Any]:
+    """One server-sent event: its data is a JSON chunk, an error object, or the final `[DONE]`."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {
+                "type": "string",
+                "description": f"a {chunk.__name__} as JSON; an ErrorResponse as JSON if generation failed after "
+                "the stream began; `[DONE]` last",
+                # Not contentMediaType: the final `[DONE]` is not JSON.
+                "x-json-schema": _REF.format(model=chunk.__name__),
+            },
+        },
+    }
+
+
 def _generation(summary: str, request: type[BaseModel], reply: type[BaseModel], chunk: type[BaseModel]) -> dict:
     return {
         "post": {
@@ -46,7 +64,7 @@ def _generation(summary: str, request: type[BaseModel], reply: type[BaseModel], 
             "responses": {
                 "200": {
                     "description": "the completion; with stream=true, server-sent events of chunks, then [DONE]",
-                    "content": {**_json(reply), "text/event-stream": {"schema": _ref(chunk)}},
+                    "content": {**_json(reply), "text/event-stream": {"schema": _sse_event(chunk)}},
                 },
                 **_errors("400", "401", "404", "413", "429", "500", "503", "504"),
             },

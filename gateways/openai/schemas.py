@@ -19,11 +19,13 @@ MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, description="same seed and request, same text")]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: no 0 for false, no "1" for 1 (JSON numbers still fill float fields).
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class _Response(BaseModel):
@@ -49,11 +51,11 @@ class ChatMessageParam(_Request):
 
 
 class _SamplingParams(_Request):
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(min_length=1, examples=["smollm2-135m-instruct"])
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, description="extension: -1 or 0 for off")
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX, description="extension: -1 or 0 for off")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
@@ -68,17 +70,23 @@ class _SamplingParams(_Request):
 
 
 class ChatCompletionRequest(_SamplingParams):
-    messages: list[ChatMessageParam] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessageParam] = Field(min_length=1, examples=[[{"role": "user", "content": "Hello!"}]])
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
-Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(_SamplingParams):
-    prompt: Prompt
+    prompt: Prompt = Field(examples=["Once upon a time", ["one", "two"], [1, 2, 3]])
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 

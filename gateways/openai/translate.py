@@ -133,14 +133,11 @@ def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_ma
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One entry per prompt (the schema has already refused empty lists)."""
     if isinstance(prompt, str):
         return [prompt]
-    if not prompt:
-        raise bad_request("prompt must not be an empty list", "prompt")
     if isinstance(prompt[0], int):
         return [prompt]  # type: ignore[list-item]
-    if any(isinstance(p, list) and not p for p in prompt):
-        raise bad_request("a token-id prompt must not be empty", "prompt")
     return list(prompt)  # type: ignore[arg-type]
 
 
