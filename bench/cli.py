@@ -28,12 +28,15 @@ def _concurrency_list(value: str) -> list[int]:
     return levels
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, profiled: bool = False) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                    help=f"where JSON, tables, plots and process logs go (default: {DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true", help="a reduced run for a smoke check (under a minute)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny counts, for CI
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if profiled:
+        p.add_argument("--profile", action="store_true",
+                       help="sample the mesh processes with py-spy; OUT/profile-*.txt says where the time goes")
 
 
 # ---------------------------------------------------------------------- suites
@@ -44,14 +47,14 @@ async def _relay(args: argparse.Namespace) -> SuiteResult:
 
     frames = 2_000 if args.smoke else 50_000 if args.quick else args.frames
     return await relay.run(args.out, frames=frames, streams=args.streams, coalesce=args.coalesce,
-                           max_seconds=args.max_seconds, progress=not args.no_progress)
+                           max_seconds=args.max_seconds, progress=not args.no_progress, profile=args.profile)
 
 
 async def _roundtrip(args: argparse.Namespace) -> SuiteResult:
     from bench import roundtrip
 
     requests = 100 if args.smoke else 1000 if args.quick else args.requests
-    return await roundtrip.run(args.out, requests=requests, progress=not args.no_progress)
+    return await roundtrip.run(args.out, requests=requests, progress=not args.no_progress, profile=args.profile)
 
 
 async def _overhead(args: argparse.Namespace) -> SuiteResult:
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
 
     p = sub.add_parser("relay", help="token frames/s through one broker (fake worker and client around it)")
-    _common(p)
+    _common(p, profiled=True)
     p.add_argument("--frames", type=int, default=300_000, help="frames per run (default: 300000)")
     p.add_argument("--streams", type=int, default=16, help="concurrent requests the frames belong to (default: 16)")
     p.add_argument("--coalesce", type=_concurrency_list, default=[4, 16], metavar="N,M",
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap per run (default: 20)")
 
     p = sub.add_parser("roundtrip", help="one-token round trip: MeshClient -> broker -> worker -> back (p50, p99)")
-    _common(p)
+    _common(p, profiled=True)
     p.add_argument("--requests", type=int, default=5000, help="sequential requests (default: 5000)")
 
     p = sub.add_parser("overhead", help="TTFT/ITL/E2E per layer on the synthetic engine with no delay")

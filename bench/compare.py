@@ -37,6 +37,9 @@ from bench.serve import WARMUP_REQUESTS
 THROUGHPUT_RATIO_TARGET = 0.97
 TTFT_P50_DELTA_TARGET_MS = 2.0
 VLLM_SERVER = "vllm-server"
+#: Engine settings both vLLM sides get, so they differ only in what serves them. On CPU the memory
+#: share sizes the KV cache out of RAM: two engines must fit side by side.
+VLLM_SHARED_ARGS = ("--gpu-memory-utilization", "0.2", "--max-model-len", "2048")
 MESH_VLLM = "mesh+vllm"
 
 
@@ -62,7 +65,7 @@ async def start_vllm_server(group: ProcessGroup, model_path: str, model_name: st
     port = free_port()
     server = group.start(VLLM_SERVER, [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-        "--served-model-name", model_name, "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", model_name, "--host", "127.0.0.1", "--port", str(port), *VLLM_SHARED_ARGS,
     ])
     await wait_for_http(f"http://127.0.0.1:{port}/health", [server], MODEL_START_TIMEOUT)
     return f"http://127.0.0.1:{port}/v1"
@@ -82,7 +85,8 @@ async def _start_vllm_pair(group: ProcessGroup, skipped: dict[str, str]) -> list
     # Both load at once: start-up is mostly waiting, and each side is measured alone later.
     results = await asyncio.gather(
         start_vllm_server(group, str(resolved.path), name),
-        start_model_mesh(group, "vllm", ("--model-path", str(resolved.path), "--model-names", name)),
+        start_model_mesh(group, "vllm", ("--model-path", str(resolved.path), "--model-names", name,
+                                         *VLLM_SHARED_ARGS)),
         return_exceptions=True,
     )
     endpoints = []

@@ -24,6 +24,7 @@ from pathlib import Path
 import zmq
 
 from bench.processes import ProcessGroup, StartupError, free_broker_url
+from bench.profile import Profiler
 from bench.report import SuiteResult, Target, plot_bars
 from mesh import transport
 from mesh.endpoints import Endpoints
@@ -210,7 +211,7 @@ def finish_streams(ends: _Ends, request_ids: list[bytes]) -> None:
 
 
 async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_seconds: float,
-              progress: bool = True) -> SuiteResult:
+              progress: bool = True, profile: bool = False) -> SuiteResult:
     from tqdm import tqdm
 
     params = {"frames": frames, "streams": streams, "tokens_per_frame": [1, *coalesce], "window": WINDOW,
@@ -226,9 +227,13 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
         try:
             request_ids = ends.open_streams(streams)
             blast(ends, request_ids, 1, min(frames, 5000), max_seconds, broker.pid)  # warm-up
+            profiler = Profiler(out)
+            if profile:  # the uncoalesced run: the broker's per-frame cost
+                profiler.start("relay-broker", broker.pid, min(max_seconds, 5))
             for tokens_per_frame in tqdm([1, *coalesce], desc="relay", disable=not progress, unit="run"):
                 runs.append(blast(ends, request_ids, tokens_per_frame, frames, max_seconds, broker.pid))
             finish_streams(ends, request_ids)
+            profiles = profiler.finish() if profile else {}
         finally:
             ends.close()
     single = runs[0]
@@ -242,6 +247,8 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
         "broker_cpu_us_per_frame": single.broker_cpu_us_per_frame,
         "frames_per_broker_cpu_s": round(single.frames_per_broker_cpu_s or 0),
     }
+    if profiles:
+        summary["profiles"] = profiles
     targets = [
         Target("relay frames/s (1 token per frame)", f">= {FRAMES_TARGET:,}", summary["frames_per_s"],
                summary["frames_per_s"] >= FRAMES_TARGET),

@@ -56,7 +56,9 @@ def connect(
 # and type checks (a profile of the broker: over half its time), not in libzmq.
 _raw_send = zmq.backend.Socket.send
 _raw_recv = zmq.backend.Socket.recv
+_raw_get = zmq.backend.Socket.get
 _NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 
 
@@ -102,10 +104,10 @@ class AsyncChannel:
         self._loop.add_reader(self._fd, self._check_events)
 
     def _check_events(self) -> None:
-        events = self.socket.getsockopt(zmq.EVENTS)
-        if events & zmq.POLLIN:
+        events = _raw_get(self.socket, _EVENTS)  # runs after every send: plain ints, no enum arithmetic
+        if events & _POLLIN:
             self._readable.set()
-        if events & zmq.POLLOUT:
+        if events & _POLLOUT:
             self._writable.set()
 
     async def receive_batch(self, limit: int = 512) -> list[list[bytes]]:
