@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +33,34 @@ log = logging.getLogger("mesh.engines.vllm")
 CPU_KV_CACHE_BYTES = 1 << 30
 #: Prompts longer than this (characters) are tokenized off the event loop.
 INLINE_TOKENIZE_CHARS = 4096
+#: The watchdog that ends vLLM's engine processes if the worker dies without stop() (kill -9, OOM killer).
+#: It records the worker's descendants every second; when its stdin reaches EOF (the worker is gone)
+#: without the word "done", it SIGKILLs them (psutil checks each pid's start time, so a reused pid is
+#: never hit). multiprocessing's resource tracker is spared: it frees vLLM's shared memory by itself.
+_REAPER = """
+import os, signal, sys, threading, psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+worker, known, said, heard = psutil.Process(int(sys.argv[1])), {}, [], threading.Event()
+def listen():
+    said.append(sys.stdin.buffer.read())
+    heard.set()
+threading.Thread(target=listen, daemon=True).start()
+while not heard.is_set():
+    try:
+        for p in worker.children(recursive=True):
+            if p.pid != os.getpid() and "resource_tracker" not in " ".join(p.cmdline()):
+                known.setdefault(p.pid, p)
+    except psutil.Error:
+        pass
+    heard.wait(1.0)
+if said[0] != b"done":
+    for p in known.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+"""
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
 
@@ -144,6 +174,7 @@ class VllmEngine(Engine):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self._llm: Any = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         self._tokenizer: Any = None
         self._sampling_params: Any = None
         self._delta: Any = None
@@ -184,6 +215,7 @@ class VllmEngine(Engine):
         dtype = resolve_dtype(self.config.dtype, self.config.device, _cpu_has_bf16())
         kwargs = engine_arguments(self.config, str(resolved.path), self._names, dtype, os.environ)
         log.info("starting vLLM on %s (%s, dtype %s)", resolved.path, platform, dtype)
+        self._reaper = start_reaper(os.getpid())
         try:
             engine_args = AsyncEngineArgs(**kwargs)
         except TypeError as exc:  # an --engine-arg vLLM does not know
@@ -208,6 +240,13 @@ class VllmEngine(Engine):
             llm, self._llm = self._llm, None
             # Blocks until the engine core process has exited (vLLM kills it after a timeout).
             llm.shutdown()
+        if self._reaper is not None:
+            reaper, self._reaper = self._reaper, None
+            with contextlib.suppress(OSError):
+                reaper.communicate(b"done", timeout=5)
+            if reaper.poll() is None:
+                reaper.kill()
+                reaper.wait()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and request_id in self._requests:
@@ -300,6 +339,11 @@ class VllmEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, message) from None
         # The template writes its own special tokens.
         return list(self._tokenizer.encode(text, add_special_tokens=False)), text
+
+
+def start_reaper(pid: int) -> subprocess.Popen[bytes]:
+    """The watchdog (_REAPER) over `pid`'s descendants; write b"done" to its stdin on a clean stop."""
+    return subprocess.Popen([sys.executable, "-I", "-c", _REAPER, str(pid)], stdin=subprocess.PIPE, close_fds=True)
 
 
 def _cpu_has_bf16() -> bool:

@@ -160,6 +160,45 @@ def test_token_logprobs_keep_the_chosen_token_and_the_top_k() -> None:
     assert finish_reason("stop") is FinishReason.STOP and finish_reason(None) is FinishReason.STOP
 
 
+_REAPED_PARENT = """
+import subprocess, sys, time
+from mesh.engines.vllm_backend import start_reaper
+reaper = start_reaper(__import__("os").getpid())
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+time.sleep(2.5)  # the reaper has seen the child
+print(child.pid, reaper.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_reaper_kills_the_engine_processes_of_a_killed_worker() -> None:
+    """kill -9 on a worker skips stop(): the reaper ends what it had started (here a stand-in child)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _REAPED_PARENT], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=mesh_env()
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid, reaper_pid = map(int, parent.stdout.readline().split())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _pid_alive(child_pid) or _pid_alive(reaper_pid):
+            assert time.monotonic() < deadline, "the orphaned child or the reaper is still running"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # ---------------------------------------------------------------------- a real vLLM worker
 
 
