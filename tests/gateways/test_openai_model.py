@@ -1,0 +1,102 @@
+"""The gateway on the real default model (SmolLM2-135M-Instruct, transformers backend, CPU): seed
+reproducibility, the chat template, stop strings, streamed text equal to plain text. Few and short."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from mesh.client import MeshClient
+from tests.gateways.test_openai_helpers import Gateway, start_gateway
+from tests.support import ProcessGroup, free_broker_url, wait_for_workers
+
+pytestmark = pytest.mark.model
+
+MODEL = "smollm2-135m-instruct"
+API_KEY = "token-abc123"
+
+
+@pytest.fixture(scope="module")
+def model_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    group = ProcessGroup(tmp_path_factory.mktemp("openai-model"))
+    try:
+        url = free_broker_url()
+        group.broker(url)
+        group.mesh("worker", "worker", "--broker", url)
+
+        async def ready() -> None:
+            async with MeshClient(url) as client:
+                await wait_for_workers(client, 1, timeout=240, model=MODEL)
+
+        asyncio.run(ready())
+        yield start_gateway(group, url, "--api-keys", API_KEY, models=(MODEL,))
+    except BaseException:
+        print(group.dump_logs())
+        raise
+    finally:
+        group.stop_all()
+
+
+def test_acceptance_script_prints_true(model_gateway: Gateway) -> None:
+    """The issue's acceptance script, verbatim but for the port."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=model_gateway.v1, api_key="token-abc123")
+    xs = []
+    for _ in range(2):
+        completion = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Hello!"}],
+            seed=1,
+            max_tokens=200,
+        )
+        xs.append(completion.choices[0].message.content)
+    assert xs[0] == xs[1]
+    assert xs[0]
+
+
+def test_different_seeds_differ_and_wrong_key_is_refused(model_gateway: Gateway) -> None:
+    client = model_gateway.sdk(api_key=API_KEY)
+    messages = [{"role": "user", "content": "Write a word."}]
+    texts = {
+        client.chat.completions.create(model=MODEL, messages=messages, seed=seed, temperature=1.0, max_tokens=12)
+        .choices[0].message.content
+        for seed in (1, 2, 3)
+    }
+    assert len(texts) > 1
+    with pytest.raises(openai.AuthenticationError):
+        model_gateway.sdk(api_key="wrong").chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+
+
+def test_chat_template_is_applied(model_gateway: Gateway) -> None:
+    client = model_gateway.sdk(api_key=API_KEY)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=1, temperature=0
+    )
+    raw = client.completions.create(model=MODEL, prompt="Hello!", max_tokens=1, temperature=0)
+    # The template wraps the message in role markers (and a default system prompt): many more tokens.
+    assert chat.usage is not None and raw.usage is not None
+    assert chat.usage.prompt_tokens > raw.usage.prompt_tokens + 4
+
+
+def test_stream_equals_plain_and_stop_strings(model_gateway: Gateway) -> None:
+    client = model_gateway.sdk(api_key=API_KEY)
+    messages = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = plain.choices[0].message.content or ""
+    assert streamed == text and text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
+    # Stop on a piece of the greedy text: the output ends before it, finish_reason "stop".
+    stop = text.strip()[len(text.strip()) // 2:][:3]
+    stopped = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24, stop=[stop])
+    choice = stopped.choices[0]
+    assert choice.finish_reason == "stop"
+    assert stop not in (choice.message.content or "") and text.startswith(choice.message.content or "")
