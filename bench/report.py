@@ -143,10 +143,10 @@ def plot_load(out: Path, name: str, title: str, series: dict[str, list[LoadSumma
             for pct, style in (("p50", "-o"), ("p99", "--^")):
                 ys = [getattr(getattr(s, metric), pct) for s in summaries]
                 ax.plot(xs, ys, style, label=f"{label} {pct}")
+    levels = sorted({s.concurrency for summaries in series.values() for s in summaries})
     for ax, metric in zip(axes, ("TTFT", "ITL", "E2E"), strict=True):
         ax.set_title(f"{metric} (ms)")
-        ax.set_xlabel("concurrent streams")
-        ax.set_xscale("log", base=2)
+        _concurrency_axis(ax, levels)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -163,8 +163,8 @@ def plot_load(out: Path, name: str, title: str, series: dict[str, list[LoadSumma
         axes[1].plot(xs, [s.request_per_s for s in summaries], "-o", label=label)
     for ax, metric in zip(axes, ("output tokens/s", "requests/s"), strict=True):
         ax.set_title(metric)
-        ax.set_xlabel("concurrent streams")
-        ax.set_xscale("log", base=2)
+        _concurrency_axis(ax, levels)
+        ax.set_yscale("log")  # layers differ by orders of magnitude
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{title}: throughput")
@@ -173,6 +173,13 @@ def plot_load(out: Path, name: str, title: str, series: dict[str, list[LoadSumma
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _concurrency_axis(ax, levels: list[int]) -> None:  # type: ignore[no-untyped-def]
+    ax.set_xlabel("concurrent streams")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, labels=[str(level) for level in levels])
+    ax.minorticks_off()
 
 
 def plot_bars(out: Path, name: str, title: str, labels: Sequence[str], values: Sequence[float], unit: str) -> Path:
