@@ -431,9 +431,9 @@ class _Generation:
                         if writer is None:
                             writer = await SseWriter.open(self.request)
                         index = self.choices[position].index
-                        if self._account(position, chunk) and (head := events.first(index)) is not None:
-                            await writer.send(head)
                         event = events.chunk(index, chunk)
+                        if self._account(position, chunk) and (head := events.first(index)) is not None:
+                            event = head + event if event is not None else head  # one send, not two
                         if event is not None:
                             await writer.send(event)
                 except MeshError as exc:

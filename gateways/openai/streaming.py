@@ -23,6 +23,11 @@ def error_event(error: ApiError) -> bytes:
     return b"data: " + error.encode() + b"\n\n"
 
 
+class _SseResponse(web.StreamResponse):
+    # Headers leave with the first event, in one send: one wake-up of the client less before the first token.
+    _send_headers_immediately = False
+
+
 class SseWriter:
     """An open text/event-stream response."""
 
@@ -33,7 +38,7 @@ class SseWriter:
 
     @classmethod
     async def open(cls, request: web.Request) -> SseWriter:
-        response = web.StreamResponse(
+        response = _SseResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
