@@ -260,7 +260,7 @@ class VllmEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, problem)
         prompt_ids, prompt_text = await self._tokenize(request)
         # A migrated request continues after the tokens another worker produced: they extend the prompt.
-        resumed = list(getattr(request, "resume_token_ids", ()))
+        resumed = list(request.resume_token_ids)
         check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
         seed = request.seed if request.seed is not None else self.config.seed
         try:

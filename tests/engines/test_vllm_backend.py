@@ -312,6 +312,21 @@ def _fields(request: GenerateRequest) -> dict[str, object]:
 
 
 @pytest.mark.vllm
+def test_a_migrated_request_continues_after_its_tokens(vllm_mesh: VllmMesh) -> None:
+    base = GenerateRequest(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12, ignore_eos=True)
+    first = asyncio.run(_stream(vllm_mesh.url, base))
+    produced = [t for chunk in first for t in chunk.token_ids]
+    moved = GenerateRequest(**{**_fields(base), "resume_token_ids": produced[:6], "max_tokens": 6, "echo": True})
+    resumed = asyncio.run(_stream(vllm_mesh.url, moved))
+    assert all(chunk.token_ids for chunk in resumed[:-1]), "no echo: the client has already shown the prompt"
+    assert len([t for chunk in resumed for t in chunk.token_ids]) == 6
+    final, usage = resumed[-1], resumed[-1].usage
+    assert usage is not None and first[-1].usage is not None
+    assert final.finish_reason is FinishReason.LENGTH and usage.completion_tokens == 12
+    assert usage.prompt_tokens == first[-1].usage.prompt_tokens
+
+
+@pytest.mark.vllm
 def test_cancel_frees_the_slot(vllm_mesh: VllmMesh) -> None:
     long = GenerateRequest(model=MODEL, prompt="Count: 1, 2,", max_tokens=4000, ignore_eos=True, temperature=0)
 
