@@ -68,7 +68,7 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
         levels, requests, tokens = args.concurrency, args.requests, args.max_tokens
     return await overhead.run(args.out, levels=levels, requests=requests, max_tokens=tokens,
                               gateway=not args.no_gateway, max_seconds=args.max_seconds,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, profile=args.profile)
 
 
 def _serve_sizes(args: argparse.Namespace) -> tuple[list[int], int, float]:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=5000, help="sequential requests (default: 5000)")
 
     p = sub.add_parser("overhead", help="TTFT/ITL/E2E per layer on the synthetic engine with no delay")
-    _common(p)
+    _common(p, profiled=True)
     p.add_argument("--concurrency", type=_concurrency_list, default=[1, 8, 32, 64], metavar="1,8,...")
     p.add_argument("--requests", type=int, default=400, help="requests per level and layer (default: 400)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")

@@ -11,6 +11,7 @@ per percentile, at concurrency 1.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bench.load import (
     summarize,
 )
 from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
+from bench.profile import Profiler
 from bench.report import SuiteResult, Target, load_table, plot_load
 from mesh.client import MeshClient
 from mesh.engines.base import EngineConfig
@@ -34,6 +36,7 @@ from mesh.protocol import GenerateRequest
 
 ADDED_P50_TARGET_MS = 1.0
 ADDED_P99_TARGET_MS = 3.0
+PROFILE_SECONDS = 8
 
 
 def engine_requester(engine: SyntheticEngine, max_tokens: int):  # type: ignore[no-untyped-def]
@@ -65,12 +68,13 @@ def _added(layer: LoadSummary, base: LoadSummary) -> dict[str, float]:
 
 
 async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, gateway: bool, max_seconds: float,
-              progress: bool = True) -> SuiteResult:
+              progress: bool = True, profile: bool = False) -> SuiteResult:
     from tqdm import tqdm
 
     params = {"concurrency": levels, "requests_per_level": requests, "max_tokens": max_tokens,
               "engine": "synthetic, no delay (fake tokens)", "max_seconds_per_level": max_seconds}
     layers: dict[str, list[LoadSummary]] = {}
+    profiler = Profiler(out)
     skipped: dict[str, str] = {}
     total = sum(max(requests, c) for c in levels) * (3 if gateway else 2)
     bar = tqdm(total=total, desc="overhead", disable=not progress, unit="req")
@@ -87,6 +91,10 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
                                               levels, requests, max_seconds, bar)
             if mesh.gateway_url is not None:
                 target = HttpTarget(mesh.gateway_url, SYNTHETIC_MODEL)
+                if profile:  # the full stack under load: every process on the path
+                    for process in mesh.group.processes:
+                        profiler.start(f"overhead-{process.name}", process.pid, PROFILE_SECONDS)
+                    profiler.start("overhead-client", os.getpid(), PROFILE_SECONDS)
                 async with http_session(max(levels)) as session:
                     layers["gateway"] = await _sweep("gateway", lambda: http_requester(session, target, max_tokens),
                                                      levels, requests, max_seconds, bar)
@@ -96,6 +104,7 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
                 skipped["gateway"] = "--no-gateway"
     finally:
         bar.close()
+    profiles = profiler.finish() if profile else {}
 
     base = layers["engine"][0]
     full_layer = "gateway" if "gateway" in layers else "mesh"
@@ -109,6 +118,8 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
     }
     if skipped:
         summary["skipped_layers"] = skipped
+    if profiles:
+        summary["profiles"] = profiles
     targets = [
         Target(f"added TTFT p50, {full_layer} (ms)", f"<= {ADDED_P50_TARGET_MS}", added["p50"],
                added["p50"] <= ADDED_P50_TARGET_MS),
