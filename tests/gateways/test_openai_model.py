@@ -100,3 +100,19 @@ def test_stream_equals_plain_and_stop_strings(model_gateway: Gateway) -> None:
     choice = stopped.choices[0]
     assert choice.finish_reason == "stop"
     assert stop not in (choice.message.content or "") and text.startswith(choice.message.content or "")
+
+
+def test_logprobs(model_gateway: Gateway) -> None:
+    client = model_gateway.sdk(api_key=API_KEY)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(item.top_logprobs) == 2 and item.logprob <= 0 for item in content)
+    prompt = "The capital of France is"
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, echo=True, temperature=0)
+    logprobs = text.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.text_offset is not None
+    assert len(logprobs.tokens) == 3 and logprobs.text_offset[0] == len(prompt)
+    assert text.choices[0].text == prompt + "".join(logprobs.tokens)
