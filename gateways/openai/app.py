@@ -40,6 +40,7 @@ from gateways.openai.streaming import (
 from gateways.openai.translate import Choice, ModelLimits, chat_choices, completion_choices
 from mesh.client import Chunk, MeshClient
 from mesh.errors import BrokerUnavailableError, MeshError
+from mesh.protocol import GenerateRequest
 
 log = logging.getLogger("gateways.openai")
 
@@ -399,7 +400,7 @@ class _Generation:
         metrics.generated_tokens.labels(self.model).inc(usage.completion_tokens)
         metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
 
-    def _requests(self) -> list:  # type: ignore[type-arg]
+    def _requests(self) -> list[GenerateRequest]:
         return [choice.request for choice in self.choices]
 
     async def collect(self) -> list[responses.ChoiceResult]:
@@ -415,6 +416,14 @@ class _Generation:
             in_flight.dec()
             self._count_tokens()
         return self.results
+
+    async def _fail_stream(self, writer: SseWriter, error: ApiError) -> web.StreamResponse:
+        """Too late for a status: the error is an event, and the stream still ends properly."""
+        self.state.metrics.errors.labels(_route_name(self.request), str(error.status), error.type).inc()
+        await writer.send(error_event(error))
+        await writer.send(DONE_EVENT)
+        await writer.close()
+        return writer.response
 
     async def stream(
         self, events: _ChatEvents | _CompletionEvents, include_usage: bool,
@@ -437,15 +446,17 @@ class _Generation:
                         if event is not None:
                             await writer.send(event)
                 except MeshError as exc:
-                    error = from_mesh_error(exc)
                     if writer is None:
-                        raise error from None
-                    # Too late for a status: the error is an event, and the stream still ends properly.
-                    metrics.errors.labels(_route_name(self.request), str(error.status), error.type).inc()
-                    await writer.send(error_event(error))
-                    await writer.send(DONE_EVENT)
-                    await writer.close()
-                    return writer.response
+                        raise from_mesh_error(exc) from None
+                    return await self._fail_stream(writer, from_mesh_error(exc))
+                except ConnectionError:
+                    raise
+                except Exception:
+                    if writer is None:
+                        raise
+                    log.exception("request %s failed mid-stream", self.request[REQUEST_ID])
+                    internal = ApiError(500, "internal error in the gateway", "server_error")
+                    return await self._fail_stream(writer, internal)
             assert writer is not None
             if include_usage:
                 await writer.send(usage_event(responses.total_usage(self.results)))
@@ -453,9 +464,10 @@ class _Generation:
             await writer.close()
             return writer.response
         except ConnectionError:
+            if writer is None:
+                raise
             # The client went away mid-stream; leaving the aclosing block has cancelled the request.
             log.debug("request %s: the client disconnected mid-stream", self.request[REQUEST_ID])
-            assert writer is not None
             return writer.response
         finally:
             metrics.in_flight.dec()
