@@ -57,7 +57,10 @@ class _Sequence:
 
     request_id: str
     prompt_ids: list[int]
-    max_tokens: int
+    #: What the prefill runs: the prompt, plus the tokens of a migrated request's earlier worker.
+    prefill_ids: list[int]
+    #: Length of output_ids at which the request is done (resumed tokens count, as in usage).
+    limit: int
     params: sampling.SamplingParams
     generator: torch.Generator
     counts: sampling.TokenCounts | None
@@ -85,6 +88,7 @@ class _Token:
 
 class TransformersEngine(Engine):
     backend = "transformers"
+    supports_resume = True
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -167,7 +171,7 @@ class TransformersEngine(Engine):
     async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
         seq = self._admit(request, request_id)
         try:
-            if request.echo:
+            if request.echo and not request.resume_token_ids:
                 yield EngineOutput(text=self._prompt_text(seq.prompt_ids))
             if seq.finished:  # max_tokens 0
                 output, seq.pending = seq.pending, EngineOutput()
@@ -205,29 +209,40 @@ class TransformersEngine(Engine):
         prompt_ids = self._prompt_ids(request)
         if not prompt_ids:
             raise EngineError(ErrorCode.BAD_REQUEST, "the prompt is empty")
-        total = len(prompt_ids) + request.max_tokens
+        resumed = list(request.resume_token_ids)
+        if any(not 0 <= i < self._vocab_size for i in resumed):
+            raise EngineError(ErrorCode.BAD_REQUEST, "resume_token_ids outside the vocabulary")
+        total = len(prompt_ids) + len(resumed) + request.max_tokens
         if self._context_length and total > self._context_length:
+            already = f" plus {len(resumed)} resumed tokens" if resumed else ""
             raise EngineError(
                 ErrorCode.BAD_REQUEST,
-                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) is {total} tokens, "
-                f"more than the model's context length of {self._context_length}",
+                f"the prompt ({len(prompt_ids)} tokens){already} plus max_tokens ({request.max_tokens}) is {total} "
+                f"tokens, more than the model's context length of {self._context_length}",
             )
         params = sampling.params_from(request)
         generator, _ = sampling.make_generator(request.seed)
         ignored = set() if request.ignore_eos else set(self._eos_ids)
+        # A migrated request continues after the tokens it already streamed (its seed's draws start
+        # afresh here, so a sampled continuation is not the one the lost worker would have made).
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
-            max_tokens=request.max_tokens,
+            prefill_ids=prompt_ids + resumed,
+            limit=len(resumed) + request.max_tokens,
             params=params,
             generator=generator,
             counts=sampling.TokenCounts(self._vocab_size, prompt_ids) if params.penalized else None,
-            detok=IncrementalDetokenizer(self._decode, prompt_ids),
+            detok=IncrementalDetokenizer(self._decode, prompt_ids + resumed),
             stop=StopMatcher(list(request.stop)),
             stop_ids=frozenset(ignored | set(request.stop_token_ids)),
         )
+        seq.output_ids.extend(resumed)
+        if seq.counts is not None:
+            for token_id in resumed:
+                seq.counts.add(token_id)
         seq.pending.prompt_tokens = len(prompt_ids)
-        if request.max_tokens == 0:
+        if request.max_tokens == 0:  # nothing to generate (echo only, or a resumed request already complete)
             self._finish(seq, FinishReason.LENGTH)
         self._by_id[request_id] = seq
         return seq
@@ -337,9 +352,9 @@ class TransformersEngine(Engine):
             return tokens
 
     def _prefill(self, seq: _Sequence) -> _Token:
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self._device)
+        ids = torch.tensor([seq.prefill_ids], dtype=torch.long, device=self._device)
         out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        state = BatchState.from_prefill(out.past_key_values, len(seq.prompt_ids), self._device)
+        state = BatchState.from_prefill(out.past_key_values, len(seq.prefill_ids), self._device)
         if self.config.deterministic or not self._batches:
             self._batches.append(state)
         else:
@@ -397,7 +412,7 @@ class TransformersEngine(Engine):
             pending.logprobs = (pending.logprobs or []) + [token.logprob]
         if result.stopped:
             self._finish(seq, FinishReason.STOP)
-        elif len(seq.output_ids) >= seq.max_tokens:
+        elif len(seq.output_ids) >= seq.limit:
             self._finish(seq, FinishReason.LENGTH)
         else:
             seq.ready.set()

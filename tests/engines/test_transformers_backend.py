@@ -184,3 +184,16 @@ async def test_echo_and_logprobs(client: MeshClient) -> None:
     for entry in done.logprobs:
         assert entry.logprob <= 0 and len(entry.top) == 2
         assert entry.top[0].token_id == entry.token_id  # greedy: the chosen token is the most likely
+
+
+async def test_a_migrated_request_continues_after_its_resumed_tokens(client: MeshClient) -> None:
+    request = GenerateRequest(
+        model="tiny-a", prompt="The three primary colors are", max_tokens=10, temperature=0, ignore_eos=True
+    )
+    full = await client.complete(request)
+    assert len(full.token_ids) == 10
+    request.resume_token_ids = full.token_ids[:4]
+    request.max_tokens = 6
+    rest = await client.complete(request)
+    assert rest.token_ids == full.token_ids[4:]
+    assert rest.usage.completion_tokens == 10
