@@ -420,9 +420,7 @@ class _Generation:
     async def _fail_stream(self, writer: SseWriter, error: ApiError) -> web.StreamResponse:
         """Too late for a status: the error is an event, and the stream still ends properly."""
         self.state.metrics.errors.labels(_route_name(self.request), str(error.status), error.type).inc()
-        await writer.send(error_event(error))
-        await writer.send(DONE_EVENT)
-        await writer.close()
+        await writer.close(error_event(error) + DONE_EVENT)
         return writer.response
 
     async def stream(
@@ -458,10 +456,8 @@ class _Generation:
                     internal = ApiError(500, "internal error in the gateway", "server_error")
                     return await self._fail_stream(writer, internal)
             assert writer is not None
-            if include_usage:
-                await writer.send(usage_event(responses.total_usage(self.results)))
-            await writer.send(DONE_EVENT)
-            await writer.close()
+            usage = usage_event(responses.total_usage(self.results)) if include_usage else b""
+            await writer.close(usage + DONE_EVENT)
             return writer.response
         except ConnectionError:
             if writer is None:

@@ -47,8 +47,9 @@ class SseWriter:
     async def send(self, event: bytes) -> None:
         await self.response.write(event)
 
-    async def close(self) -> None:
-        await self.response.write_eof()
+    async def close(self, last_events: bytes = DONE_EVENT) -> None:
+        """Sends the last events and ends the response, in one send."""
+        await self.response.write_eof(last_events)
 
 
 class _ChunkEncoder:
