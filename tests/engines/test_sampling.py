@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mesh.engines import sampling
+from mesh.engines.batching import BatchState
 from mesh.engines.detokenize import IncrementalDetokenizer
 from mesh.engines.stop import StopMatcher
 from mesh.protocol import GenerateRequest
@@ -172,3 +173,36 @@ def test_detokenization_matches_a_full_decode_with_the_real_tokenizer() -> None:
     detok = IncrementalDetokenizer(lambda i: tokenizer.decode(i, skip_special_tokens=True))
     streamed = "".join(detok.add(i) for i in ids) + detok.flush()
     assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- batch cache bookkeeping
+
+
+def _state(length: int, fill: float) -> BatchState:
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.full((1, 3, length, 4), fill), torch.full((1, 3, length, 4), -fill), layer)
+    return BatchState.from_prefill(cache, length, torch.device("cpu"))
+
+
+def test_merge_left_pads_the_shorter_rows_and_keep_trims_padding() -> None:
+    batch = _state(5, 1.0)
+    batch.merge(_state(2, 2.0))
+    assert batch.mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert batch.positions.tolist() == [5, 2]
+    keys = batch.cache.layers[0].keys
+    assert keys.shape == (2, 3, 5, 4) and keys[1, :, :3].abs().sum() == 0 and (keys[1, :, 3:] == 2).all()
+
+    mask, positions = batch.step_inputs()
+    assert mask.shape == (2, 6) and positions.tolist() == [[5], [2]]
+    for layer in range(2):
+        batch.cache.update(torch.zeros(2, 3, 1, 4), torch.zeros(2, 3, 1, 4), layer)  # what a forward step does
+    batch.advance(mask)
+
+    batch.keep([1])  # the long row leaves: the short one no longer needs its padding
+    assert batch.mask.tolist() == [[1, 1, 1]]
+    assert batch.positions.tolist() == [3]
+    assert batch.cache.layers[0].keys.shape == (1, 3, 3, 4)
+    assert batch.cache.get_seq_length() == 3
