@@ -208,8 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import uvloop
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run_suite(args.suite, args))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(run_suite(args.suite, args))
+    except KeyboardInterrupt:
+        print(f"{args.suite}: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
     path = write_json(args.out, result)
     print_result(result, path)
     sys.stdout.flush()

