@@ -215,11 +215,11 @@ class VllmEngine(Engine):
         dtype = resolve_dtype(self.config.dtype, self.config.device, _cpu_has_bf16())
         kwargs = engine_arguments(self.config, str(resolved.path), self._names, dtype, os.environ)
         log.info("starting vLLM on %s (%s, dtype %s)", resolved.path, platform, dtype)
-        self._reaper = start_reaper(os.getpid())
         try:
             engine_args = AsyncEngineArgs(**kwargs)
         except TypeError as exc:  # an --engine-arg vLLM does not know
             raise ValueError(f"vLLM engine arguments: {exc}") from None
+        self._reaper = start_reaper(os.getpid())
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer = self._llm.get_tokenizer()
         self._context_length = self._llm.model_config.max_model_len
@@ -242,7 +242,7 @@ class VllmEngine(Engine):
             llm.shutdown()
         if self._reaper is not None:
             reaper, self._reaper = self._reaper, None
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 reaper.communicate(b"done", timeout=5)
             if reaper.poll() is None:
                 reaper.kill()
