@@ -206,3 +206,11 @@ def test_merge_left_pads_the_shorter_rows_and_keep_trims_padding() -> None:
     assert batch.positions.tolist() == [3]
     assert batch.cache.layers[0].keys.shape == (1, 3, 3, 4)
     assert batch.cache.get_seq_length() == 3
+
+
+def test_draws_follow_the_distribution_and_skip_impossible_tokens() -> None:
+    probs = torch.tensor([0.0, 0.7, 0.0, 0.3, 0.0])
+    generator, _ = sampling.make_generator(5)
+    draws = [sampling.draw(probs, generator) for _ in range(2000)]
+    assert set(draws) == {1, 3}
+    assert 0.65 < draws.count(1) / len(draws) < 0.75
