@@ -250,8 +250,9 @@ async def _get_model(request: web.Request) -> web.Response:
 
 
 def _model_not_found(name: str) -> ApiError:
-    return ApiError(404, f"the model {name!r} does not exist or no live worker serves it", param="model",
-                    code="model_not_found")
+    return ApiError(
+        404, f"the model {name!r} does not exist or no live worker serves it", param="model", code="model_not_found"
+    )
 
 
 # ----------------------------------------------------------------------------- completions
@@ -334,8 +335,10 @@ class _ChatEvents:
             return self.encoder.finish(index, chunk.text, str(chunk.finish_reason), logprobs)
         if not chunk.text and not chunk.logprobs:
             return None
-        return self.encoder.content(index, chunk.text) if logprobs is None else self.encoder.content(
-            index, chunk.text, logprobs
+        return (
+            self.encoder.content(index, chunk.text)
+            if logprobs is None
+            else self.encoder.content(index, chunk.text, logprobs)
         )
 
 
@@ -424,7 +427,9 @@ class _Generation:
         return writer.response
 
     async def stream(
-        self, events: _ChatEvents | _CompletionEvents, include_usage: bool,
+        self,
+        events: _ChatEvents | _CompletionEvents,
+        include_usage: bool,
         usage_event: Callable[[schemas.Usage], bytes],
     ) -> web.StreamResponse:
         """Headers go out with the first token, so that a failure before it gets its own HTTP status."""

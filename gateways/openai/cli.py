@@ -34,36 +34,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument(
-        "--api-keys", type=comma_list, default=(), metavar="K1,K2",
+        "--api-keys",
+        type=comma_list,
+        default=(),
+        metavar="K1,K2",
         help="accept only these Bearer keys on every route but /health (default: no keys needed)",
     )
     p.add_argument(
-        "--allowed-origins", type=comma_list, default=(), metavar="O1,O2",
+        "--allowed-origins",
+        type=comma_list,
+        default=(),
+        metavar="O1,O2",
         help="CORS: origins browsers may call from, '*' for any (default: none, no CORS headers)",
     )
     p.add_argument(
-        "--allowed-methods", type=comma_list, default=("GET", "POST", "OPTIONS"), metavar="M1,M2",
+        "--allowed-methods",
+        type=comma_list,
+        default=("GET", "POST", "OPTIONS"),
+        metavar="M1,M2",
         help="CORS: allowed methods (default: GET,POST,OPTIONS)",
     )
     p.add_argument(
-        "--allowed-headers", type=comma_list, default=("Authorization", "Content-Type", "X-Request-Id"),
-        metavar="H1,H2", help="CORS: allowed request headers, '*' for any (default: Authorization,Content-Type,"
-        "X-Request-Id)",
+        "--allowed-headers",
+        type=comma_list,
+        default=("Authorization", "Content-Type", "X-Request-Id"),
+        metavar="H1,H2",
+        help="CORS: allowed request headers, '*' for any (default: Authorization,Content-Type,X-Request-Id)",
     )
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
     p.add_argument("--ssl-keyfile", metavar="PATH", help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", metavar="PATH", help="serve HTTPS with this certificate chain")
     p.add_argument(
-        "--max-body-size", type=_size, default="8M", metavar="SIZE",
+        "--max-body-size",
+        type=_size,
+        default="8M",
+        metavar="SIZE",
         help="largest request body, e.g. 512K or 8M; larger gets 413 (default: 8M)",
     )
     p.add_argument(
-        "--timeout", type=float, default=None, metavar="S",
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
         help="longest wait for any token of a request before 504 (default: none; dead workers are "
         "detected by the mesh within seconds)",
     )
     p.add_argument(
-        "--default-max-tokens", type=int, default=1024, metavar="N",
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        metavar="N",
         help="max_tokens of a chat request that sets none (at most half the context; default: 1024)",
     )
     p.set_defaults(run=_run)

@@ -1,13 +1,13 @@
 """Errors in OpenAI's JSON shape, and which HTTP status each failure gets.
 
-    mesh error                  HTTP  OpenAI type
-    BadRequestError             400   invalid_request_error  (includes a prompt over the context)
-    ModelNotFoundError          404   invalid_request_error  code model_not_found
-    OverloadedError             429   rate_limit_error       (every worker full, the broker's queue too)
-    WorkerLostError             503   service_unavailable    (transient: the worker died; retry)
-    BrokerUnavailableError      503   service_unavailable
-    MeshTimeoutError            504   timeout
-    EngineFailureError          500   server_error           (a real fault in the engine)
+mesh error                  HTTP  OpenAI type
+BadRequestError             400   invalid_request_error  (includes a prompt over the context)
+ModelNotFoundError          404   invalid_request_error  code model_not_found
+OverloadedError             429   rate_limit_error       (every worker full, the broker's queue too)
+WorkerLostError             503   service_unavailable    (transient: the worker died; retry)
+BrokerUnavailableError      503   service_unavailable
+MeshTimeoutError            504   timeout
+EngineFailureError          500   server_error           (a real fault in the engine)
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ class ApiError(Exception):
     """A request that ends in an OpenAI-shaped error response."""
 
     def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
         code: str | None = None,
     ) -> None:
         super().__init__(message)

@@ -15,29 +15,47 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "mesh_gateway_requests", "HTTP requests answered, by route, method and status",
-            ("route", "method", "status"), registry=registry,
+            "mesh_gateway_requests",
+            "HTTP requests answered, by route, method and status",
+            ("route", "method", "status"),
+            registry=registry,
         )
         self.errors = Counter(
-            "mesh_gateway_errors", "HTTP requests answered with an error (status >= 400) or ended by an error event",
-            ("route", "status", "type"), registry=registry,
+            "mesh_gateway_errors",
+            "HTTP requests answered with an error (status >= 400) or ended by an error event",
+            ("route", "status", "type"),
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "mesh_gateway_generations_in_flight", "completion requests being generated now", registry=registry,
+            "mesh_gateway_generations_in_flight",
+            "completion requests being generated now",
+            registry=registry,
         )
         self.ttft = Histogram(
-            "mesh_gateway_time_to_first_token_seconds", "from the request's arrival to its first token",
-            ("model",), buckets=_TTFT_BUCKETS, registry=registry,
+            "mesh_gateway_time_to_first_token_seconds",
+            "from the request's arrival to its first token",
+            ("model",),
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
         )
         self.itl = Histogram(
-            "mesh_gateway_inter_token_latency_seconds", "between two consecutive token chunks of one choice",
-            ("model",), buckets=_ITL_BUCKETS, registry=registry,
+            "mesh_gateway_inter_token_latency_seconds",
+            "between two consecutive token chunks of one choice",
+            ("model",),
+            buckets=_ITL_BUCKETS,
+            registry=registry,
         )
         self.generated_tokens = Counter(
-            "mesh_gateway_generated_tokens", "completion tokens generated", ("model",), registry=registry,
+            "mesh_gateway_generated_tokens",
+            "completion tokens generated",
+            ("model",),
+            registry=registry,
         )
         self.prompt_tokens = Counter(
-            "mesh_gateway_prompt_tokens", "prompt tokens processed", ("model",), registry=registry,
+            "mesh_gateway_prompt_tokens",
+            "prompt tokens processed",
+            ("model",),
+            registry=registry,
         )
 
     def render(self) -> bytes:

@@ -76,10 +76,18 @@ def build_openapi() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [
         (schemas.ChatCompletionRequest, "validation"),
         (schemas.CompletionRequest, "validation"),
-        *((m, "serialization") for m in (
-            schemas.ChatCompletion, schemas.ChatCompletionChunk, schemas.Completion, schemas.ModelList,
-            schemas.ModelCard, schemas.ErrorResponse, schemas.Health,
-        )),
+        *(
+            (m, "serialization")
+            for m in (
+                schemas.ChatCompletion,
+                schemas.ChatCompletionChunk,
+                schemas.Completion,
+                schemas.ModelList,
+                schemas.ModelCard,
+                schemas.ErrorResponse,
+                schemas.Health,
+            )
+        ),
     ]
     _, top = models_json_schema(models, ref_template=_REF)
     components = top.get("$defs", {})
@@ -89,8 +97,10 @@ def build_openapi() -> dict[str, Any]:
             "get": {
                 "summary": "the models live workers serve",
                 "security": [{"bearer": []}, {}],
-                "responses": {"200": {"description": "model list", "content": _json(schemas.ModelList)},
-                              **_errors("401")},
+                "responses": {
+                    "200": {"description": "model list", "content": _json(schemas.ModelList)},
+                    **_errors("401"),
+                },
             }
         },
         "/v1/models/{model}": {
@@ -98,8 +108,10 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "one model",
                 "security": [{"bearer": []}, {}],
                 "parameters": [model_param],
-                "responses": {"200": {"description": "the model", "content": _json(schemas.ModelCard)},
-                              **_errors("401", "404")},
+                "responses": {
+                    "200": {"description": "the model", "content": _json(schemas.ModelCard)},
+                    **_errors("401", "404"),
+                },
             }
         },
         "/v1/chat/completions": _generation(
@@ -121,9 +133,13 @@ def build_openapi() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "security": [{"bearer": []}, {}],
-                "responses": {"200": {"description": "Prometheus text format",
-                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
-                              **_errors("401")},
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors("401"),
+                },
             }
         },
     }

@@ -18,7 +18,9 @@ def chat_logprobs(items: list[TokenLogprob]) -> schemas.ChatLogprobs:
     return schemas.ChatLogprobs(
         content=[
             schemas.ChatLogprobItem(
-                token=item.token, logprob=_finite(item.logprob), bytes=list(item.token.encode()),
+                token=item.token,
+                logprob=_finite(item.logprob),
+                bytes=list(item.token.encode()),
                 top_logprobs=[
                     schemas.TopLogprobItem(
                         token=top.token, logprob=_finite(top.logprob), bytes=list(top.token.encode())
@@ -79,11 +81,15 @@ def chat_completion(
     id_: str, created: int, model: str, results: list[ChoiceResult], logprobs: bool
 ) -> schemas.ChatCompletion:
     return schemas.ChatCompletion(
-        id=id_, created=created, model=model,
+        id=id_,
+        created=created,
+        model=model,
         choices=[
             schemas.ChatChoice(
-                index=r.index, message=schemas.AssistantMessage(content=r.text),
-                logprobs=chat_logprobs(r.logprobs) if logprobs else None, finish_reason=finish_name(r.finish_reason),
+                index=r.index,
+                message=schemas.AssistantMessage(content=r.text),
+                logprobs=chat_logprobs(r.logprobs) if logprobs else None,
+                finish_reason=finish_name(r.finish_reason),
             )
             for r in results
         ],
@@ -95,12 +101,16 @@ def completion(
     id_: str, created: int, model: str, results: list[ChoiceResult], logprobs: int | None, echo_offsets: list[int]
 ) -> schemas.Completion:
     return schemas.Completion(
-        id=id_, created=created, model=model,
+        id=id_,
+        created=created,
+        model=model,
         choices=[
             schemas.CompletionChoice(
-                index=r.index, text=r.text,
+                index=r.index,
+                text=r.text,
                 logprobs=completion_logprobs(r.logprobs, echo_offsets[i], bool(logprobs))
-                if logprobs is not None else None,
+                if logprobs is not None
+                else None,
                 finish_reason=finish_name(r.finish_reason),
             )
             for i, r in enumerate(results)

@@ -77,12 +77,7 @@ class ChatCompletionRequest(_SamplingParams):
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Prompt = (
-    str
-    | Annotated[list[str], Field(min_length=1)]
-    | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1)]
-)
+Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class CompletionRequest(_SamplingParams):

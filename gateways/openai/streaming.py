@@ -56,8 +56,15 @@ class _ChunkEncoder:
     def __init__(self, id_: str, object_: str, created: int, model: str, include_usage: bool) -> None:
         self._head = b"".join(
             (
-                b'data: {"id":', orjson.dumps(id_), b',"object":"', object_.encode(), b'","created":',
-                str(created).encode(), b',"model":', orjson.dumps(model), b',"choices":[',
+                b'data: {"id":',
+                orjson.dumps(id_),
+                b',"object":"',
+                object_.encode(),
+                b'","created":',
+                str(created).encode(),
+                b',"model":',
+                orjson.dumps(model),
+                b',"choices":[',
             )
         )
         self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
@@ -79,15 +86,23 @@ class ChatChunkEncoder(_ChunkEncoder):
 
     def role(self, index: int) -> bytes:
         return (
-            self._head + self._index(index)
-            + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}' + self._tail
+            self._head
+            + self._index(index)
+            + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
+            + self._tail
         )
 
     def content(self, index: int, text: str, logprobs: bytes = _NULL) -> bytes:
         return b"".join(
             (
-                self._head, self._index(index), b'"delta":{"content":', orjson.dumps(text), b'},"logprobs":',
-                logprobs, b',"finish_reason":null}', self._tail,
+                self._head,
+                self._index(index),
+                b'"delta":{"content":',
+                orjson.dumps(text),
+                b'},"logprobs":',
+                logprobs,
+                b',"finish_reason":null}',
+                self._tail,
             )
         )
 
@@ -95,8 +110,16 @@ class ChatChunkEncoder(_ChunkEncoder):
         delta = b'{"content":' + orjson.dumps(text) + b"}" if text else b"{}"
         return b"".join(
             (
-                self._head, self._index(index), b'"delta":', delta, b',"logprobs":', logprobs,
-                b',"finish_reason":"', finish_reason.encode(), b'"}', self._tail,
+                self._head,
+                self._index(index),
+                b'"delta":',
+                delta,
+                b',"logprobs":',
+                logprobs,
+                b',"finish_reason":"',
+                finish_reason.encode(),
+                b'"}',
+                self._tail,
             )
         )
 
@@ -109,7 +132,15 @@ class CompletionChunkEncoder(_ChunkEncoder):
         finish = b'"' + finish_reason.encode() + b'"' if finish_reason else _NULL
         return b"".join(
             (
-                self._head, self._index(index), b'"text":', orjson.dumps(text), b',"logprobs":', logprobs,
-                b',"finish_reason":', finish, b"}", self._tail,
+                self._head,
+                self._index(index),
+                b'"text":',
+                orjson.dumps(text),
+                b',"logprobs":',
+                logprobs,
+                b',"finish_reason":',
+                finish,
+                b"}",
+                self._tail,
             )
         )

@@ -62,7 +62,10 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def resolve_max_tokens(
-    max_tokens: int | None, max_completion_tokens: int | None, default: int, limits: ModelLimits,
+    max_tokens: int | None,
+    max_completion_tokens: int | None,
+    default: int,
+    limits: ModelLimits,
     known_prompt_tokens: int = 0,
 ) -> int:
     if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
@@ -77,7 +80,9 @@ def resolve_max_tokens(
     if context and known_prompt_tokens + explicit > context:
         what = f"the prompt ({known_prompt_tokens} tokens) plus {param}" if known_prompt_tokens else param
         raise ApiError(
-            400, f"{what} ({explicit}) exceeds the model's context length ({context})", param=param,
+            400,
+            f"{what} ({explicit}) exceeds the model's context length ({context})",
+            param=param,
             code="context_length_exceeded",
         )
     return explicit
@@ -115,16 +120,19 @@ def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_ma
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     max_tokens = resolve_max_tokens(request.max_tokens, request.max_completion_tokens, default_max_tokens, limits)
     messages = [
-        ChatMessage("system" if m.role == "developer" else m.role, _message_text(m), m.name)
-        for m in request.messages
+        ChatMessage("system" if m.role == "developer" else m.role, _message_text(m), m.name) for m in request.messages
     ]
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     sampling = _sampling(request)
     return [
         Choice(
-            i, 0,
+            i,
+            0,
             GenerateRequest(
-                messages=messages, max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=logprobs,
+                messages=messages,
+                max_tokens=max_tokens,
+                seed=choice_seed(request.seed, i),
+                logprobs=logprobs,
                 **sampling,  # type: ignore[arg-type]
             ),
         )
@@ -155,8 +163,12 @@ def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[
         for j in range(request.n):
             index = group * request.n + j
             generate = GenerateRequest(
-                prompt=text, prompt_token_ids=ids, max_tokens=max_tokens, seed=choice_seed(request.seed, j),
-                logprobs=request.logprobs, echo=request.echo,
+                prompt=text,
+                prompt_token_ids=ids,
+                max_tokens=max_tokens,
+                seed=choice_seed(request.seed, j),
+                logprobs=request.logprobs,
+                echo=request.echo,
                 **sampling,  # type: ignore[arg-type]
             )
             choices.append(Choice(index, group, generate))

@@ -50,8 +50,10 @@ def test_max_completion_tokens_same_as_max_tokens(gateway: Gateway) -> None:
 
 def test_seed_reproducible_on_synthetic_structure(gateway: Gateway) -> None:
     client = gateway.sdk()
-    texts = {client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, seed=42).choices[0]
-             .message.content for _ in range(2)}
+    texts = {
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, seed=42).choices[0].message.content
+        for _ in range(2)
+    }
     assert len(texts) == 1
 
 
@@ -66,8 +68,13 @@ def test_multi_turn_content_parts_and_extra_fields(gateway: Gateway) -> None:
     as_string = client.chat.completions.create(model=MODEL, messages=turns, max_tokens=6, seed=5)
     as_parts = [dict(t, content=[{"type": "text", "text": t["content"]}]) for t in turns]
     with_parts = client.chat.completions.create(
-        model=MODEL, messages=as_parts, max_tokens=6, seed=5,
-        extra_body={"some_future_field": {"x": 1}}, metadata={"who": "test"}, store=False,
+        model=MODEL,
+        messages=as_parts,
+        max_tokens=6,
+        seed=5,
+        extra_body={"some_future_field": {"x": 1}},
+        metadata={"who": "test"},
+        store=False,
     )
     assert as_string.choices[0].message.content == with_parts.choices[0].message.content
 
@@ -158,10 +165,17 @@ def test_completion_list_with_n_is_prompt_major(gateway: Gateway) -> None:
 
 def test_completion_stream(gateway: Gateway) -> None:
     client = gateway.sdk()
-    chunks = list(client.completions.create(
-        model=MODEL, prompt="stream me", max_tokens=5, seed=6, stream=True, echo=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="stream me",
+            max_tokens=5,
+            seed=6,
+            stream=True,
+            echo=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *body, last = chunks
     assert last.choices == [] and last.usage is not None and last.usage.completion_tokens == 5
     assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "text_completion" for c in chunks)

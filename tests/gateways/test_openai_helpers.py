@@ -34,8 +34,13 @@ class Gateway:
 
 
 def start_gateway(
-    group: ProcessGroup, broker_url: str, *args: str, models: tuple[str, ...] = (), timeout: float = 60.0,
-    scheme: str = "http", verify: object = True,
+    group: ProcessGroup,
+    broker_url: str,
+    *args: str,
+    models: tuple[str, ...] = (),
+    timeout: float = 60.0,
+    scheme: str = "http",
+    verify: object = True,
 ) -> Gateway:
     """Starts `mesh gateway openai` and waits until /health is 200 and `models` are listed."""
     port = free_port()

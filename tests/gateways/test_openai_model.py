@@ -63,7 +63,8 @@ def test_different_seeds_differ_and_wrong_key_is_refused(model_gateway: Gateway)
     messages = [{"role": "user", "content": "Write a word."}]
     texts = {
         client.chat.completions.create(model=MODEL, messages=messages, seed=seed, temperature=1.0, max_tokens=12)
-        .choices[0].message.content
+        .choices[0]
+        .message.content
         for seed in (1, 2, 3)
     }
     assert len(texts) > 1
@@ -86,16 +87,22 @@ def test_stream_equals_plain_and_stop_strings(model_gateway: Gateway) -> None:
     client = model_gateway.sdk(api_key=API_KEY)
     messages = [{"role": "user", "content": "Count from one to ten in words, separated by commas."}]
     plain = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=24, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     text = plain.choices[0].message.content or ""
     assert streamed == text and text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens  # type: ignore[union-attr]
     # Stop on a piece of the greedy text: the output ends before it, finish_reason "stop".
-    stop = text.strip()[len(text.strip()) // 2:][:3]
+    stop = text.strip()[len(text.strip()) // 2 :][:3]
     stopped = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=24, stop=[stop])
     choice = stopped.choices[0]
     assert choice.finish_reason == "stop"

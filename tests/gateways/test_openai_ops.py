@@ -34,9 +34,26 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     key, cert = folder / "key.pem", folder / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -47,9 +64,22 @@ def secure(synthetic_stack: tuple[ProcessGroup, Gateway], certificate: tuple[Pat
     group, plain = synthetic_stack
     key, cert = certificate
     yield start_gateway(
-        group, plain.broker_url, "--api-keys", ",".join(KEYS), "--allowed-origins", ORIGIN, "--allow-credentials",
-        "--max-body-size", "2K", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
-        scheme="https", verify=str(cert), models=(MODEL,),
+        group,
+        plain.broker_url,
+        "--api-keys",
+        ",".join(KEYS),
+        "--allowed-origins",
+        ORIGIN,
+        "--allow-credentials",
+        "--max-body-size",
+        "2K",
+        "--ssl-keyfile",
+        str(key),
+        "--ssl-certfile",
+        str(cert),
+        scheme="https",
+        verify=str(cert),
+        models=(MODEL,),
     )
 
 
@@ -87,9 +117,13 @@ def test_body_over_the_limit_is_413(secure: Gateway, certificate: tuple[Path, Pa
 def test_cors(secure: Gateway, certificate: tuple[Path, Path]) -> None:
     _, cert = certificate
     preflight = httpx.options(
-        f"{secure.v1}/chat/completions", verify=str(cert),
-        headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"},
+        f"{secure.v1}/chat/completions",
+        verify=str(cert),
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
     )
     assert preflight.status_code == 204  # no key needed for a preflight
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
@@ -101,12 +135,14 @@ def test_cors(secure: Gateway, certificate: tuple[Path, Path]) -> None:
     )
     assert actual.status_code == 200 and actual.headers["access-control-allow-origin"] == ORIGIN
     stranger = httpx.get(
-        f"{secure.v1}/models", verify=str(cert),
+        f"{secure.v1}/models",
+        verify=str(cert),
         headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEYS[1]}"},
     )
     assert "access-control-allow-origin" not in stranger.headers
     denied = httpx.options(
-        f"{secure.v1}/models", verify=str(cert),
+        f"{secure.v1}/models",
+        verify=str(cert),
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
     )
     assert denied.status_code == 403
@@ -140,8 +176,7 @@ def test_metrics(gateway: Gateway) -> None:
 
     assert value("mesh_gateway_requests_total", route="/v1/chat/completions", method="POST", status="200") >= 1
     assert value("mesh_gateway_requests_total", route="/v1/completions", method="POST", status="404") >= 1
-    assert value("mesh_gateway_errors_total", route="/v1/completions", status="404",
-                 type="invalid_request_error") >= 1
+    assert value("mesh_gateway_errors_total", route="/v1/completions", status="404", type="invalid_request_error") >= 1
     assert value("mesh_gateway_time_to_first_token_seconds_count", model=MODEL) >= 2
     assert value("mesh_gateway_inter_token_latency_seconds_count", model=MODEL) >= 4 + 2
     assert value("mesh_gateway_generated_tokens_total", model=MODEL) >= 8

@@ -41,20 +41,40 @@ def test_schemathesis_finds_no_server_errors(processes: ProcessGroup, broker_url
     # A large capacity: fuzzing fires many requests at once and cancels some, and this test is about the
     # gateway, not about the worker refusing work while a cancelled request is still winding down.
     processes.synthetic_worker(broker_url, "fuzz", "--capacity", "512", models="smollm2-135m-instruct")
-    gateway = start_gateway(
-        processes, broker_url, "--default-max-tokens", "32", models=("smollm2-135m-instruct",)
-    )
+    gateway = start_gateway(processes, broker_url, "--default-max-tokens", "32", models=("smollm2-135m-instruct",))
     schemathesis = Path(sys.executable).with_name("schemathesis")
     (tmp_path / "fuzz_hooks.py").write_text(HOOKS)
     env = mesh_env(SCHEMATHESIS_HOOKS="fuzz_hooks", PYTHONPATH=str(tmp_path))
     result = subprocess.run(
         [
-            str(schemathesis), "run", f"{gateway.url}/openapi.json", "--checks", "all", "--exclude-checks",
-            EXCLUDED_CHECKS, "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--seed", "1",
-            "--workers", "1", "--max-time", "25", "--request-timeout", "20", "--no-color",
-            "--generation-database", "none",
+            str(schemathesis),
+            "run",
+            f"{gateway.url}/openapi.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            EXCLUDED_CHECKS,
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "15",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--max-time",
+            "25",
+            "--request-timeout",
+            "20",
+            "--no-color",
+            "--generation-database",
+            "none",
         ],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
