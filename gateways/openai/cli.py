@@ -134,7 +134,12 @@ def ssl_context_for(config: GatewayConfig) -> ssl.SSLContext | None:
     if not config.ssl_certfile:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"cannot load --ssl-certfile {config.ssl_certfile} with --ssl-keyfile {config.ssl_keyfile}: {exc}"
+        ) from None
     return context
 
 
