@@ -270,12 +270,12 @@ class Broker:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self, request: _Request) -> bool:
+    def _dispatch(self, request: _Request, exclude: bytes | None = None) -> bool:
         """Sends the request to a worker with a free slot; False if there is none."""
         workers = [
             w
             for w in self._by_model.get(request.model, ())
-            if len(w.inflight) < w.announcement.capacity and not w.announcement.draining
+            if len(w.inflight) < w.announcement.capacity and not w.announcement.draining and w.worker_id != exclude
         ]
         while workers:
             candidates = [
@@ -347,7 +347,7 @@ class Broker:
         elif kind is Kind.ERROR:
             reply = decode(frames[2], ErrorReply)
             if reply.code is ErrorCode.WORKER_UNAVAILABLE and not request.started:
-                self._retry(request, worker)
+                self._redirect(request, worker)
                 return
         if not self._reply(request.client, frames[1:]):
             self._abandon(request)
@@ -368,6 +368,17 @@ class Broker:
         self._finish(request)
         if worker_id is not None:
             self._to_worker(worker_id, [pack_header(Kind.CANCEL, request.request_id)])
+
+    def _redirect(self, request: _Request, refused_by: _Worker | None) -> None:
+        """A worker refused the request (draining, or full by its own count): another worker
+        takes it, or it waits at the head of the queue. A refusal is not a lost attempt."""
+        if refused_by is not None:
+            refused_by.inflight.discard(request.request_id)
+        request.worker = None
+        request.attempts -= 1
+        exclude = refused_by.worker_id if refused_by is not None else None
+        if not self._dispatch(request, exclude=exclude):
+            self._enqueue(request, front=True)
 
     def _retry(self, request: _Request, worker: _Worker | None) -> None:
         """Sends an unstarted request elsewhere, or reports it lost after max_attempts."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from mesh import transport
 from mesh.discovery import MeshView, expiry_after
@@ -107,10 +106,12 @@ class _LostMidStream(Exception):
 class _Stream:
     """Frames (or a failure) for one request, in arrival order."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("answered", "queue", "submit_frames")
 
-    def __init__(self) -> None:
+    def __init__(self, submit_frames: list[bytes]) -> None:
         self.queue: asyncio.Queue[list[bytes] | MeshError] = asyncio.Queue()
+        self.submit_frames = submit_frames  # kept to re-submit to a restarted broker
+        self.answered = False
 
 
 class MeshClient:
@@ -140,7 +141,7 @@ class MeshClient:
         self._broker_heard = asyncio.Event()
         self._snapshot_done = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._context: zmq.asyncio.Context | None = None
+        self._context: zmq.Context | None = None
 
     async def __aenter__(self) -> MeshClient:
         await self.start()
@@ -150,7 +151,7 @@ class MeshClient:
         await self.close()
 
     async def start(self) -> None:
-        self._context = ctx = zmq.asyncio.Context()
+        self._context = ctx = zmq.Context()
         self._front = transport.AsyncChannel(transport.connect(ctx, zmq.DEALER, self.endpoints.front, self.security))
         self._bus = transport.AsyncChannel(transport.connect(ctx, zmq.SUB, self.endpoints.bus_out, self.security))
         self._bus.socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -247,8 +248,9 @@ class MeshClient:
         await self._ensure_broker()
         timeout = timeout if timeout is not None else self.timeout
         request_id = new_request_id()
-        stream = self._streams[request_id] = _Stream()
-        self._front.send([pack_header(Kind.SUBMIT, request_id), request.model.encode(), encode(request)])
+        submit_frames = [pack_header(Kind.SUBMIT, request_id), request.model.encode(), encode(request)]
+        stream = self._streams[request_id] = _Stream(submit_frames)
+        self._front.send(submit_frames)
         finished = False
         try:
             while True:
@@ -259,6 +261,8 @@ class MeshClient:
                     raise MeshTimeoutError(f"no answer from the mesh for {timeout} s") from None
                 if isinstance(item, MeshError):
                     finished = True  # the request is gone on the mesh side already
+                    if isinstance(item, WorkerLostError):
+                        raise _LostMidStream(item)
                     raise item
                 try:
                     chunk = self._chunk(item)
@@ -289,7 +293,8 @@ class MeshClient:
             logprobs.extend(chunk.logprobs or ())
             if chunk.finish_reason is not None:
                 assert chunk.usage is not None and chunk.worker_id is not None
-                return Completion("".join(texts), token_ids, chunk.finish_reason, chunk.usage, chunk.worker_id, logprobs)
+                text = "".join(texts)
+                return Completion(text, token_ids, chunk.finish_reason, chunk.usage, chunk.worker_id, logprobs)
         raise AssertionError("a stream ended without a finish reason")
 
     @staticmethod
@@ -317,6 +322,17 @@ class MeshClient:
         if not self.broker_alive:
             raise BrokerUnavailableError(f"no broker answered at {self.endpoints.front}")
 
+    def _broker_restarted(self) -> None:
+        """A new broker: requests still unanswered are submitted again (the new broker ignores
+        one it already has from us); those that had begun streaming died with the old one."""
+        lost = error_for_code(ErrorCode.WORKER_LOST, "the broker restarted")
+        for request_id, stream in list(self._streams.items()):
+            if stream.answered:
+                stream.queue.put_nowait(lost)
+                del self._streams[request_id]
+            else:
+                self._front.send(stream.submit_frames)
+
     def _fail_all(self, error: MeshError) -> None:
         for stream in self._streams.values():
             stream.queue.put_nowait(error)
@@ -335,6 +351,7 @@ class MeshClient:
                     self._front.send([pack_header(Kind.CANCEL, header[2:])])
                     self._streams.pop(header[2:], None)
                     continue
+                stream.answered = True
                 stream.queue.put_nowait(frames)
 
     async def _read_bus(self) -> None:
@@ -366,9 +383,7 @@ class MeshClient:
             info = decode(frames[1], BrokerInfo)
             previous = self._broker_info
             if previous is not None and previous.started_at != info.started_at:
-                # A new broker: requests the old one held are lost, and so is its view.
-                self._fail_all(error_for_code(ErrorCode.WORKER_LOST, "the broker restarted"))
-                self._streams.clear()
+                self._broker_restarted()
             self._broker_info, self._broker_seen_at = info, now
             self._broker_heard.set()
             if info.snapshot:

@@ -14,6 +14,7 @@ requests the new broker never sent are answered with a CANCEL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -22,7 +23,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import zmq
-import zmq.asyncio
 
 from mesh import __version__, transport
 from mesh.discovery import HEARTBEAT_INTERVAL
@@ -89,6 +89,9 @@ class Worker:
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.endpoints = Endpoints.from_url(config.broker_url)
         self._active: dict[bytes, asyncio.Task[None]] = {}
+        #: Cancelled requests still unwinding: no longer counted as load (the broker has
+        #: already freed their slots), but awaited before the worker exits.
+        self._cancelled: set[asyncio.Task[None]] = set()
         self._draining = False
         self._stopping = asyncio.Event()
         self._load_changed = asyncio.Event()
@@ -104,13 +107,12 @@ class Worker:
         """Starts the engine, serves until stop() (or SIGTERM), then drains and closes."""
         await self.engine.start()
         self._models = self.engine.model_names
-        ctx = zmq.asyncio.Context()
+        ctx = zmq.Context()
         security = self.config.security
         self._back = transport.AsyncChannel(
             transport.connect(ctx, zmq.DEALER, self.endpoints.back, security, self.worker_id.encode())
         )
-        bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, security)
-        self._bus = zmq.Socket.shadow(bus.underlying)  # publishes never wait: a plain socket will do
+        self._bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, security)  # publishes never wait
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="worker-receive"),
             asyncio.create_task(self._announce_loop(), name="worker-announce"),
@@ -124,7 +126,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._back.close()
-            bus.close(linger=0)
+            self._bus.close(linger=0)
             ctx.term()
             await self.engine.stop()
 
@@ -141,7 +143,7 @@ class Worker:
         for request_id, task in list(self._active.items()):
             task.cancel()
             self._back.send(error_frames(request_id, ErrorCode.WORKER_LOST, "the worker shut down", self.worker_id))
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await asyncio.gather(*self._active.values(), *self._cancelled, return_exceptions=True)
         self._back.send([pack_header(Kind.BYE)])
         # Give the last frames a moment to leave before the sockets close.
         deadline = time.monotonic() + 1.0
@@ -164,9 +166,14 @@ class Worker:
         if len(request_id) != REQUEST_ID_SIZE:
             raise ProtocolError(f"{kind.name} without a request id")
         if kind is Kind.CANCEL:
-            task = self._active.get(request_id)
+            # Forget it at once: the broker freed the slot when it sent this, and may
+            # already be sending the next request.
+            task = self._active.pop(request_id, None)
             if task is not None:
                 task.cancel()
+                self._cancelled.add(task)
+                task.add_done_callback(self._cancelled.discard)
+                self._load_changed.set()
             return
         if kind is not Kind.SUBMIT or len(frames) != 3:
             raise ProtocolError(f"{kind.name} with {len(frames)} frames")
@@ -258,7 +265,5 @@ class Worker:
             seq=self._seq,
             draining=self._draining,
         )
-        try:
+        with contextlib.suppress(zmq.Again):  # a full queue: the next heartbeat will do
             self._bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(announcement)], zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the next heartbeat will do

@@ -234,3 +234,24 @@ async def test_malformed_frames_on_every_port_crash_nothing(processes: ProcessGr
             assert sum(client.broker_info.dropped.values()) > 0, info
     finally:
         ctx.destroy(linger=0)
+
+
+async def test_slots_of_cancelled_requests_are_reusable_at_once(processes: ProcessGroup, broker_url: str) -> None:
+    """Fill a worker, cancel everything, refill at once: no request is refused or lost."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "4", "--itl-ms", "20")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+
+        async def consume(req: GenerateRequest) -> None:
+            async for _ in client.generate(req):
+                pass
+
+        for _ in range(5):
+            running = [asyncio.create_task(consume(request(max_tokens=4000))) for _ in range(4)]
+            await asyncio.sleep(0.1)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            refill = await asyncio.wait_for(asyncio.gather(*(client.complete(request()) for _ in range(4))), 10)
+            assert all(r.finish_reason is FinishReason.LENGTH for r in refill)
