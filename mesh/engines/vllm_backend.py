@@ -2,8 +2,9 @@
 
 vLLM is imported inside start(), so this module (and `mesh worker --help`)
 loads without it. The engine core runs in a child process that vLLM starts
-(with the `spawn` method on CPU); stop() shuts it down, so no engine process
-outlives the worker, after SIGTERM included.
+(with the `spawn` method on CPU); stop() shuts it down (SIGTERM and SIGINT
+lead there), and a small reaper process ends the engine processes of a worker
+killed outright (kill -9), so none outlives the worker.
 
 Prompts are tokenized here, with the model's own tokenizer and chat template,
 so that a prompt plus max_tokens over the context is refused with the numbers
