@@ -29,7 +29,13 @@ from bench.load import (
     run_closed_loop,
     summarize,
 )
-from bench.mesh_stack import MODEL_START_TIMEOUT, start_model_mesh
+from bench.mesh_stack import (
+    MODEL_START_TIMEOUT,
+    VLLM_MAX_MODEL_LEN,
+    VLLM_MEMORY_SHARE,
+    VLLM_WORKER_ARGS,
+    start_model_mesh,
+)
 from bench.processes import ProcessGroup, StartupError, free_port, wait_for_http
 from bench.report import SuiteResult, Target, load_table, plot_load
 from bench.serve import WARMUP_REQUESTS
@@ -39,11 +45,6 @@ from mesh.engines.base import EngineConfig
 THROUGHPUT_RATIO_TARGET = 0.97
 TTFT_P50_DELTA_TARGET_MS = 2.0
 VLLM_SERVER = "vllm-server"
-#: Engine settings both vLLM sides get. On CPU the memory share is checked against free RAM:
-#: two engines must fit side by side.
-VLLM_MEMORY_SHARE = 0.2
-VLLM_MAX_MODEL_LEN = 2048
-VLLM_WORKER_ARGS = ("--gpu-memory-utilization", str(VLLM_MEMORY_SHARE), "--max-model-len", str(VLLM_MAX_MODEL_LEN))
 MESH_VLLM = "mesh+vllm"
 
 

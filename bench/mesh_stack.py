@@ -44,6 +44,11 @@ async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool) -> Synt
 
 #: Seconds a real model may take to load (vLLM on CPU compiles for a while).
 MODEL_START_TIMEOUT = 600.0
+#: vLLM settings for every vLLM the bench starts. On CPU the memory share is checked against free
+#: RAM at start: 0.2 lets two engines (compare) start side by side on a machine in use.
+VLLM_MEMORY_SHARE = 0.2
+VLLM_MAX_MODEL_LEN = 2048
+VLLM_WORKER_ARGS = ("--gpu-memory-utilization", str(VLLM_MEMORY_SHARE), "--max-model-len", str(VLLM_MAX_MODEL_LEN))
 
 
 async def start_model_mesh(group: ProcessGroup, backend: str, worker_args: tuple[str, ...] = ()) -> str:

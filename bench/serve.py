@@ -20,7 +20,7 @@ from bench.load import (
     run_closed_loop,
     summarize,
 )
-from bench.mesh_stack import start_model_mesh
+from bench.mesh_stack import VLLM_WORKER_ARGS, start_model_mesh
 from bench.processes import ProcessGroup
 from bench.report import SuiteResult, Target, load_table, plot_load
 
@@ -63,7 +63,7 @@ async def run(out: Path, *, backend: str, target: str | None, model: str | None,
               "requests_per_stream": requests_per_stream, "max_tokens": max_tokens,
               "max_seconds_per_level": max_seconds, "endpoint": "/v1/completions, streaming, temperature 0"}
     with ProcessGroup(out / "logs" / name) as group:
-        base_url = target or await start_model_mesh(group, backend)
+        base_url = target or await start_model_mesh(group, backend, VLLM_WORKER_ARGS if backend == "vllm" else ())
         http = await discover_target(base_url, model)
         params.update(model=http.model, ignore_eos=http.ignore_eos)
         with tqdm(total=sum(levels) * requests_per_stream, desc=name, disable=not progress, unit="req") as bar:
