@@ -65,6 +65,9 @@ class RelayRun:
     #: robust on a shared machine, where wall-clock throughput is not.
     broker_cpu_us_per_frame: float | None = None
     frames_per_broker_cpu_s: float | None = None
+    #: The load generator's own CPU per frame (both ends, libzmq's I/O thread included): when it
+    #: times frames_per_s nears 1e6 x cores left over, the generator, not the broker, is the limit.
+    loadgen_cpu_us_per_frame: float | None = None
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -156,6 +159,7 @@ def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: 
           broker_pid: int) -> RelayRun:
     """Sends `frames` TOKENS frames round-robin over the requests and counts what the client receives."""
     cpu_before = cpu_seconds(broker_pid)
+    own_before = cpu_seconds(os.getpid())
     chunk = TokenChunk(" tok" * tokens_per_frame, list(range(1000, 1000 + tokens_per_frame)))
     body = encode(chunk)
     messages = [[pack_header(Kind.TOKENS, rid), body] for rid in request_ids]
@@ -193,12 +197,15 @@ def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: 
         if ends.client.poll(20, zmq.POLLIN):
             received += ends._drain_client()
     cpu_after = cpu_seconds(broker_pid)
+    own_after = cpu_seconds(os.getpid())
     frames_per_s = received / elapsed if elapsed > 0 else 0.0
     run = RelayRun(tokens_per_frame, streams, received, round(elapsed, 4), frames_per_s,
                    frames_per_s * tokens_per_frame, len(body) + len(messages[0][0]), sent - received)
     if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before and received:
         cpu = cpu_after - cpu_before
         run.broker_cpu_us_per_frame, run.frames_per_broker_cpu_s = cpu * 1e6 / received, received / cpu
+    if own_before is not None and own_after is not None and received:
+        run.loadgen_cpu_us_per_frame = (own_after - own_before) * 1e6 / received
     return run
 
 
@@ -246,6 +253,7 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
         "coalesced_frames_per_s": round(best.frames_per_s),
         "broker_cpu_us_per_frame": single.broker_cpu_us_per_frame,
         "frames_per_broker_cpu_s": round(single.frames_per_broker_cpu_s or 0),
+        "loadgen_cpu_us_per_frame": single.loadgen_cpu_us_per_frame,
     }
     if profiles:
         summary["profiles"] = profiles
