@@ -212,7 +212,9 @@ async def test_malformed_frames_on_every_port_crash_nothing(processes: ProcessGr
     try:
         front = ctx.socket(zmq.DEALER)
         back = ctx.socket(zmq.DEALER)
-        back.setsockopt(zmq.IDENTITY, b"w1")  # even pretending to be a real worker
+        # Not the real worker's identity: whichever of two equal identities connects first
+        # owns it, which would make this test a race rather than a check.
+        back.setsockopt(zmq.IDENTITY, b"intruder")
         bus_in = ctx.socket(zmq.PUB)
         bus_out = ctx.socket(zmq.XSUB)
         for sock, endpoint in ((front, endpoints.front), (back, endpoints.back), (bus_in, endpoints.bus_in),
