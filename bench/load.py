@@ -167,7 +167,7 @@ class _Event(msgspec.Struct):
     usage: _Usage | None = None
 
 
-_event_decoder = msgspec.json.Decoder(_Event)
+event_decoder = msgspec.json.Decoder(_Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +209,7 @@ def http_requester(session: aiohttp.ClientSession, target: HttpTarget, max_token
                     if data == b"[DONE]":
                         break
                     now = time.perf_counter()
-                    event = _event_decoder.decode(data)
+                    event = event_decoder.decode(data)
                     if any(c.text for c in event.choices):
                         timing.arrivals.append(now)
                         deltas += 1

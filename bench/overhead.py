@@ -3,7 +3,10 @@
 Layers, each at every concurrency level:
     engine   the synthetic engine called in this process (its own time: the baseline)
     mesh     MeshClient -> broker -> worker runtime -> back
-    gateway  HTTP streaming /v1/completions through `mesh gateway openai` (the full stack)
+    gateway  HTTP streaming /v1/completions through `mesh gateway openai` (the full stack),
+             timed by a minimal HTTP client (bench.rawhttp) so the figure charges the stack
+    gateway-aiohttp  the same through aiohttp's client, for comparison: what a typical
+             Python client adds on its own side
 
 added_ttft_ms (the issue's figure) is the full stack's TTFT minus the engine's own,
 per percentile, at concurrency 1.
@@ -28,6 +31,7 @@ from bench.load import (
 )
 from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
 from bench.profile import Profiler
+from bench.rawhttp import RawHttpPool, raw_http_requester
 from bench.report import SuiteResult, Target, load_table, plot_load
 from mesh.client import MeshClient
 from mesh.engines.base import EngineConfig
@@ -76,7 +80,7 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
     layers: dict[str, list[LoadSummary]] = {}
     profiler = Profiler(out)
     skipped: dict[str, str] = {}
-    total = sum(max(requests, c) for c in levels) * (3 if gateway else 2)
+    total = sum(max(requests, c) for c in levels) * (4 if gateway else 2)
     bar = tqdm(total=total, desc="overhead", disable=not progress, unit="req")
     try:
         engine = SyntheticEngine(EngineConfig(backend="synthetic", model_names=(SYNTHETIC_MODEL,)))
@@ -95,9 +99,17 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
                     for process in mesh.group.processes:
                         profiler.start(f"overhead-{process.name}", process.pid, PROFILE_SECONDS)
                     profiler.start("overhead-client", os.getpid(), PROFILE_SECONDS)
-                async with http_session(max(levels)) as session:
-                    layers["gateway"] = await _sweep("gateway", lambda: http_requester(session, target, max_tokens),
+                pool = RawHttpPool(mesh.gateway_url)
+                try:
+                    layers["gateway"] = await _sweep("gateway", lambda: raw_http_requester(pool, target, max_tokens),
                                                      levels, requests, max_seconds, bar)
+                finally:
+                    await pool.close()
+                async with http_session(max(levels)) as session:
+                    layers["gateway-aiohttp"] = await _sweep(
+                        "gateway-aiohttp", lambda: http_requester(session, target, max_tokens),
+                        levels, requests, max_seconds, bar,
+                    )
             elif gateway:
                 skipped["gateway"] = mesh.gateway_skipped or "not started"
             else:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -104,14 +105,34 @@ class _LostMidStream(Exception):
 
 
 class _Stream:
-    """Frames (or a failure) for one request, in arrival order."""
+    """Frames (or a failure) for one request, in arrival order.
 
-    __slots__ = ("answered", "queue", "submit_frames")
+    Leaner than an asyncio.Queue: a frame that is already waiting is taken
+    without suspending, and a waiting reader costs one future.
+    """
+
+    __slots__ = ("answered", "items", "submit_frames", "waiter")
 
     def __init__(self, submit_frames: list[bytes]) -> None:
-        self.queue: asyncio.Queue[list[bytes] | MeshError] = asyncio.Queue()
+        self.items: deque[list[bytes] | MeshError] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         self.submit_frames = submit_frames  # kept to re-submit to a restarted broker
         self.answered = False
+
+    def put(self, item: list[bytes] | MeshError) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> list[bytes] | MeshError:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
 
 
 class MeshClient:
@@ -152,13 +173,12 @@ class MeshClient:
 
     async def start(self) -> None:
         self._context = ctx = zmq.Context()
-        self._front = transport.AsyncChannel(transport.connect(ctx, zmq.DEALER, self.endpoints.front, self.security))
-        self._bus = transport.AsyncChannel(transport.connect(ctx, zmq.SUB, self.endpoints.bus_out, self.security))
-        self._bus.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._tasks = [
-            asyncio.create_task(self._read_replies(), name="mesh-client-replies"),
-            asyncio.create_task(self._read_bus(), name="mesh-client-bus"),
-        ]
+        front = transport.connect(ctx, zmq.DEALER, self.endpoints.front, self.security)
+        bus = transport.connect(ctx, zmq.SUB, self.endpoints.bus_out, self.security)
+        bus.setsockopt(zmq.SUBSCRIBE, b"")
+        self._front = transport.AsyncChannel(front, self._on_reply)
+        self._bus = transport.AsyncChannel(bus, self._on_bus_message)
+        self._tasks = [asyncio.create_task(self._watch_broker(), name="mesh-client-broker-watch")]
 
     async def close(self) -> None:
         for request_id in list(self._streams):
@@ -254,11 +274,16 @@ class MeshClient:
         finished = False
         try:
             while True:
-                try:
-                    async with asyncio.timeout(timeout):
-                        item = await stream.queue.get()
-                except TimeoutError:
-                    raise MeshTimeoutError(f"no answer from the mesh for {timeout} s") from None
+                if stream.items:
+                    item = stream.items.popleft()
+                elif timeout is None:
+                    item = await stream.get()
+                else:
+                    try:
+                        async with asyncio.timeout(timeout):
+                            item = await stream.get()
+                    except TimeoutError:
+                        raise MeshTimeoutError(f"no answer from the mesh for {timeout} s") from None
                 if isinstance(item, MeshError):
                     finished = True  # the request is gone on the mesh side already
                     if isinstance(item, WorkerLostError):
@@ -328,46 +353,42 @@ class MeshClient:
         lost = error_for_code(ErrorCode.WORKER_LOST, "the broker restarted")
         for request_id, stream in list(self._streams.items()):
             if stream.answered:
-                stream.queue.put_nowait(lost)
+                stream.put(lost)
                 del self._streams[request_id]
             else:
                 self._front.send(stream.submit_frames)
 
     def _fail_all(self, error: MeshError) -> None:
         for stream in self._streams.values():
-            stream.queue.put_nowait(error)
+            stream.put(error)
 
-    # ------------------------------------------------------------------ reader tasks
+    # ------------------------------------------------------------------ incoming (called by the channels)
 
-    async def _read_replies(self) -> None:
+    def _on_reply(self, frames: list[bytes]) -> None:
+        request_id = frames[0][2:]
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return  # a request this client gave up on
+        if len(stream.items) >= MAX_BUFFERED_FRAMES:
+            stream.put(RequestError("the request was cancelled: its reader fell too far behind"))
+            self._front.send([pack_header(Kind.CANCEL, request_id)])
+            del self._streams[request_id]
+            return
+        stream.answered = True
+        stream.put(frames)
+
+    def _on_bus_message(self, frames: list[bytes]) -> None:
+        try:
+            self._on_bus(frames, time.monotonic())
+        except ProtocolError as exc:
+            log.warning("dropped a bus message: %s", exc)
+
+    async def _watch_broker(self) -> None:
+        """Fails every open request once the broker's beacon has been silent past the expiry."""
         while True:
-            for frames in await self._front.receive_batch():
-                header = frames[0]
-                stream = self._streams.get(header[2:])
-                if stream is None:
-                    continue  # a request this client gave up on
-                if stream.queue.qsize() >= MAX_BUFFERED_FRAMES:
-                    stream.queue.put_nowait(RequestError("the request was cancelled: its reader fell too far behind"))
-                    self._front.send([pack_header(Kind.CANCEL, header[2:])])
-                    self._streams.pop(header[2:], None)
-                    continue
-                stream.answered = True
-                stream.queue.put_nowait(frames)
-
-    async def _read_bus(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self._expiry / 3):
-                    batch = await self._bus.receive_batch()
-            except TimeoutError:
-                batch = []
-            now = time.monotonic()
-            for frames in batch:
-                try:
-                    self._on_bus(frames, now)
-                except ProtocolError as exc:
-                    log.warning("dropped a bus message: %s", exc)
-            if self._broker_info is not None and now - self._broker_seen_at > self._expiry and self._streams:
+            await asyncio.sleep(self._expiry / 3)
+            silent = time.monotonic() - self._broker_seen_at > self._expiry
+            if self._broker_info is not None and silent and self._streams:
                 self._fail_all(BrokerUnavailableError("the broker stopped answering"))
                 self._streams.clear()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TypeVar
 
 import zmq
@@ -15,6 +17,8 @@ from mesh.security import Role, SecurityConfig, secure_client, secure_server
 LINGER_MS = 0
 #: Messages queued per peer before sends fail fast instead of growing memory.
 HIGH_WATER_MARK = 10_000
+
+log = logging.getLogger("mesh.transport")
 
 S = TypeVar("S", bound=zmq.Socket)
 
@@ -80,51 +84,65 @@ def recv_nowait(sock: zmq.Socket) -> list[bytes]:
 
 
 class AsyncChannel:
-    """A plain ZeroMQ socket driven from asyncio, with non-blocking fast paths.
+    """A plain ZeroMQ socket driven from asyncio, with no task between the socket and its reader.
 
-    Receives wait for readability once, then drain with non-blocking calls
-    (about 3x faster than awaiting each message). Sends go out at once when
-    the socket takes them; when it is full they wait, in order, in an outbox
-    that a flusher task empties, so frames of one request never overtake
-    each other.
+    Incoming messages go to `on_message` straight from the event loop's readiness
+    callback, drained with non-blocking receives (about 3x faster than awaiting
+    each message, and one task wake-up less per message than a reader task).
+    `on_message` must not block; whatever it raises is logged and the message
+    dropped. Sends go out at once when the socket takes them; when it is full
+    they wait, in order, in an outbox that a flusher task empties, so frames of
+    one request never overtake each other.
 
-    ZeroMQ's notification descriptor is edge-triggered and any send or receive
-    may consume its edge, so readiness is always re-checked through
-    ZMQ_EVENTS: after every send, and before every wait.
+    ZeroMQ's notification descriptor is edge-triggered, and any send may
+    consume a pending edge, so readiness is re-checked through ZMQ_EVENTS after
+    every send.
     """
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None]) -> None:
         self.socket = sock
+        self._on_message = on_message
         self._loop = asyncio.get_running_loop()
-        self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._outbox: deque[list[bytes]] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        self._drain_pending = False
         self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._check_events)
+        self._loop.add_reader(self._fd, self._on_ready)
+        self._loop.call_soon(self._on_ready)  # messages may have arrived before the reader was added
 
-    def _check_events(self) -> None:
-        events = _raw_get(self.socket, _EVENTS)  # runs after every send: plain ints, no enum arithmetic
-        if events & _POLLIN:
-            self._readable.set()
+    def _on_ready(self) -> None:
+        self._drain_pending = False
+        events = _raw_get(self.socket, _EVENTS)
         if events & _POLLOUT:
             self._writable.set()
+        if events & _POLLIN:
+            self._drain()
 
-    async def receive_batch(self, limit: int = 512) -> list[list[bytes]]:
-        """Waits for at least one message and returns all that are waiting (up to `limit`)."""
-        sock = self.socket
-        while True:
-            batch: list[list[bytes]] = []
+    def _drain(self, limit: int = 512) -> None:
+        sock, handle = self.socket, self._on_message
+        for _ in range(limit):
             try:
-                while len(batch) < limit:
-                    batch.append(recv_nowait(sock))
+                frames = recv_nowait(sock)
             except zmq.Again:
-                pass
-            if batch:
-                return batch
-            self._readable.clear()
-            self._check_events()
-            await self._readable.wait()
+                return
+            except zmq.ZMQError:
+                return  # closed under us
+            try:
+                handle(frames)
+            except Exception:
+                log.exception("dropped a message its handler could not take")
+        self._schedule_drain()  # more is waiting: let other callbacks run first
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_pending:
+            self._drain_pending = True
+            self._loop.call_soon(self._on_ready)
+
+    def _after_send(self) -> None:
+        # The send may have consumed the edge of messages that arrived meanwhile.
+        if _raw_get(self.socket, _EVENTS) & _POLLIN:
+            self._schedule_drain()
 
     def send(self, frames: list[bytes]) -> None:
         if not self._outbox:
@@ -133,7 +151,7 @@ class AsyncChannel:
             except zmq.Again:
                 pass
             else:
-                self._check_events()  # the send may have consumed a pending read edge
+                self._after_send()
                 return
         self._outbox.append(frames)
         if self._flusher is None:
@@ -150,11 +168,11 @@ class AsyncChannel:
                     send_nowait(self.socket, self._outbox[0])
                 except zmq.Again:
                     self._writable.clear()
-                    self._check_events()
-                    await self._writable.wait()
+                    if not _raw_get(self.socket, _EVENTS) & _POLLOUT:
+                        await self._writable.wait()
                     continue
                 self._outbox.popleft()
-                self._check_events()
+                self._after_send()
         finally:
             self._flusher = None
 

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -67,18 +68,22 @@ class _SpeedMeter:
     """Tokens per second over a sliding window of busy time."""
 
     def __init__(self) -> None:
-        self._samples: list[tuple[float, int]] = []
+        self._samples: deque[tuple[float, int]] = deque()
+        self._tokens = 0  # the sum over _samples
         self._last_rate = 0.0
 
     def add(self, tokens: int, now: float) -> None:
         self._samples.append((now, tokens))
+        self._tokens += tokens
 
     def rate(self, now: float) -> float:
         """The recent rate; an idle worker keeps its last measured speed."""
-        self._samples = [s for s in self._samples if now - s[0] <= SPEED_WINDOW_S]
-        span = now - self._samples[0][0] if self._samples else 0.0
+        samples = self._samples
+        while samples and now - samples[0][0] > SPEED_WINDOW_S:
+            self._tokens -= samples.popleft()[1]
+        span = now - samples[0][0] if samples else 0.0
         if span >= 0.5:
-            self._last_rate = sum(n for _, n in self._samples) / span
+            self._last_rate = self._tokens / span
         return self._last_rate
 
 
@@ -110,13 +115,11 @@ class Worker:
         ctx = zmq.Context()
         security = self.config.security
         self._back = transport.AsyncChannel(
-            transport.connect(ctx, zmq.DEALER, self.endpoints.back, security, self.worker_id.encode())
+            transport.connect(ctx, zmq.DEALER, self.endpoints.back, security, self.worker_id.encode()),
+            self._on_message,
         )
         self._bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, security)  # publishes never wait
-        self._tasks = [
-            asyncio.create_task(self._receive_loop(), name="worker-receive"),
-            asyncio.create_task(self._announce_loop(), name="worker-announce"),
-        ]
+        self._tasks = [asyncio.create_task(self._announce_loop(), name="worker-announce")]
         log.info("worker %s serving %s (%s)", self.worker_id, ", ".join(self._models), self.engine.backend)
         try:
             await self._stopping.wait()
@@ -153,15 +156,13 @@ class Worker:
 
     # ------------------------------------------------------------------ requests
 
-    async def _receive_loop(self) -> None:
-        while True:
-            for frames in await self._back.receive_batch():
-                try:
-                    self._on_message(frames)
-                except ProtocolError as exc:
-                    log.warning("dropped a message from the broker: %s", exc)
-
     def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
+
+    def _handle(self, frames: list[bytes]) -> None:
         kind, request_id = parse_header(frames[0])
         if len(request_id) != REQUEST_ID_SIZE:
             raise ProtocolError(f"{kind.name} without a request id")
