@@ -144,35 +144,34 @@ def plot_load(out: Path, name: str, title: str, series: dict[str, list[LoadSumma
                 ys = [getattr(getattr(s, metric), pct) for s in summaries]
                 ax.plot(xs, ys, style, label=f"{label} {pct}")
     levels = sorted({s.concurrency for summaries in series.values() for s in summaries})
-    for ax, metric in zip(axes, ("TTFT", "ITL", "E2E"), strict=True):
-        ax.set_title(f"{metric} (ms)")
-        _concurrency_axis(ax, levels)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: latency percentiles")
-    fig.tight_layout()
-    paths.append(out / f"{name}_latency.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    titles = ("TTFT (ms)", "ITL (ms)", "E2E (ms)")
+    paths.append(_finish(fig, axes, titles, levels, f"{title}: latency percentiles", out / f"{name}_latency.png", 7))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, summaries in series.items():
         xs = [s.concurrency for s in summaries]
         axes[0].plot(xs, [s.output_tokens_per_s for s in summaries], "-o", label=label)
         axes[1].plot(xs, [s.request_per_s for s in summaries], "-o", label=label)
-    for ax, metric in zip(axes, ("output tokens/s", "requests/s"), strict=True):
-        ax.set_title(metric)
-        _concurrency_axis(ax, levels)
-        ax.set_yscale("log")  # layers differ by orders of magnitude
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{title}: throughput")
-    fig.tight_layout()
-    paths.append(out / f"{name}_throughput.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    titles = ("output tokens/s", "requests/s")
+    paths.append(_finish(fig, axes, titles, levels, f"{title}: throughput", out / f"{name}_throughput.png", 8))
     return paths
+
+
+def _finish(fig, axes, titles: tuple[str, ...], levels: list[int], suptitle: str, path: Path, legend_size: int) -> Path:  # type: ignore[no-untyped-def]
+    """Titles, concurrency x-axis, log y-axis (layers differ by orders of magnitude), legend; saves and closes."""
+    import matplotlib.pyplot as plt
+
+    for ax, axis_title in zip(axes, titles, strict=True):
+        ax.set_title(axis_title)
+        _concurrency_axis(ax, levels)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _concurrency_axis(ax, levels: list[int]) -> None:  # type: ignore[no-untyped-def]
