@@ -4,7 +4,8 @@
         async for chunk in client.generate(GenerateRequest(model="smollm2-135m-instruct", prompt="Hi")):
             print(chunk.text, end="")
 
-generate() yields deltas as the broker streams them and raises a MeshError
+generate() yields deltas as the broker streams them (a reader that falls behind
+takes everything already waiting as one delta, not a backlog of tiny ones) and raises a MeshError
 subclass (mesh.errors) for a protocol error code, a timeout, or a broker that
 went away. Cancelling the task that consumes it, or leaving the loop early,
 cancels the request down to the engine. The client also listens to the
@@ -60,6 +61,8 @@ log = logging.getLogger("mesh.client")
 
 #: Frames one request may have waiting unread before it is cancelled as too slow a reader.
 MAX_BUFFERED_FRAMES = 100_000
+#: Reply kinds that carry a delta and may be merged into the one before them.
+_DELTA_KINDS = frozenset({Kind.TOKENS, Kind.DONE})
 #: Times one request may move to another worker after losing its worker mid-stream.
 MAX_MIGRATIONS = 2
 
@@ -291,6 +294,8 @@ class MeshClient:
                     raise item
                 try:
                     chunk = self._chunk(item)
+                    if stream.items and chunk.finish_reason is None:
+                        chunk = self._merge_waiting(chunk, stream.items)
                 except WorkerLostError as exc:
                     finished = True
                     raise _LostMidStream(exc) from None
@@ -321,6 +326,33 @@ class MeshClient:
                 text = "".join(texts)
                 return Completion(text, token_ids, chunk.finish_reason, chunk.usage, chunk.worker_id, logprobs)
         raise AssertionError("a stream ended without a finish reason")
+
+    @classmethod
+    def _merge_waiting(cls, chunk: Chunk, items: deque[list[bytes] | MeshError]) -> Chunk:
+        """Folds the token frames already waiting behind `chunk` into it (up to and including DONE).
+
+        A reader slower than its worker then takes one delta instead of a backlog of tiny ones:
+        one SSE event and one write instead of many. An error stays queued for the next read.
+        """
+        texts = [chunk.text]
+        token_ids = list(chunk.token_ids)
+        logprobs = list(chunk.logprobs) if chunk.logprobs else None
+        merged = chunk
+        while items:
+            frames = items[0]
+            if isinstance(frames, MeshError) or parse_header(frames[0])[0] not in _DELTA_KINDS:
+                break
+            items.popleft()
+            merged = cls._chunk(frames)
+            texts.append(merged.text)
+            token_ids.extend(merged.token_ids)
+            if merged.logprobs:
+                logprobs = (logprobs or []) + merged.logprobs
+            if merged.finish_reason is not None:
+                break
+        if merged is chunk:
+            return chunk
+        return Chunk("".join(texts), token_ids, logprobs, merged.finish_reason, merged.usage, merged.worker_id)
 
     @staticmethod
     def _chunk(frames: list[bytes]) -> Chunk:

@@ -382,10 +382,17 @@ class _Generation:
         now = time.perf_counter()
         result = self.results[position]
         first = self._last[position] == 0.0
+        # A delta may hold several tokens (a reader that fell behind takes them merged): every token
+        # but a choice's first counts once in the ITL histogram, so its count is tokens - 1.
+        tokens = max(len(chunk.token_ids), 1)
         if first:
             self._ttft.observe(now - self.request[ARRIVED])
+            for _ in range(tokens - 1):
+                self._itl.observe(0.0)  # arrived with the first token
         else:
-            self._itl.observe(now - self._last[position])
+            gap = (now - self._last[position]) / tokens
+            for _ in range(tokens):
+                self._itl.observe(gap)
         self._last[position] = now
         result.texts.append(chunk.text)
         if chunk.logprobs:

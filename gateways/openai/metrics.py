@@ -40,7 +40,7 @@ class GatewayMetrics:
         )
         self.itl = Histogram(
             "mesh_gateway_inter_token_latency_seconds",
-            "between two consecutive token chunks of one choice",
+            "between two consecutive tokens of one choice (a delta of k tokens counts k gaps of 1/k)",
             ("model",),
             buckets=_ITL_BUCKETS,
             registry=registry,

@@ -8,6 +8,7 @@ would only add time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections import Counter
@@ -39,6 +40,22 @@ async def test_generate_with_one_worker(processes: ProcessGroup, broker_url: str
         assert last.worker_id == "w1"
         again = await client.complete(request(max_tokens=5, seed=3))
         assert again.text == "".join(c.text for c in chunks)  # same seed, same text
+
+
+async def test_a_slow_reader_takes_the_waiting_tokens_as_one_delta(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        whole = await client.complete(request(max_tokens=40, seed=5))
+        async with contextlib.aclosing(client.generate(request(max_tokens=40, seed=5))) as stream:
+            first = await anext(stream)
+            await asyncio.sleep(0.5)  # the other 39 tokens and DONE arrive meanwhile
+            rest = await anext(stream)
+        assert len(first.token_ids) + len(rest.token_ids) == 40
+        assert rest.finish_reason is FinishReason.LENGTH and rest.usage is not None
+        assert first.text + rest.text == whole.text
+        assert first.token_ids + rest.token_ids == whole.token_ids
 
 
 async def test_generate_with_three_workers_and_aliases(processes: ProcessGroup, broker_url: str) -> None:
