@@ -7,9 +7,10 @@ appends one column for all rows at once, so the whole batch is one forward
 pass, while explicit position ids keep each row's rotary positions what they
 would be if it ran alone.
 
-A request is prefilled alone (no padding inside a prompt, so no fully masked
-query rows), then merged: the shorter side is padded on the left with zeros and
-the rows are concatenated. A finished request's row is dropped, and leading
+The requests that join at one step are prefilled together, left-padded to the
+longest prompt, with explicit positions (`prefill_inputs`), then merged into
+the running batch: the shorter side is padded on the left with zeros and the
+rows are concatenated. A finished request's row is dropped, and leading
 columns that only padding still uses are trimmed, so the batch's T follows the
 longest live request rather than the history of the batch.
 
@@ -84,9 +85,9 @@ class BatchState:
         self.positions = positions  # [rows] long: each row's next position
 
     @classmethod
-    def from_prefill(cls, cache: DynamicCache, prompt_length: int, device: torch.device) -> BatchState:
-        mask = torch.ones(1, prompt_length, dtype=torch.long, device=device)
-        positions = torch.tensor([prompt_length], dtype=torch.long, device=device)
+    def from_prefill(cls, cache: DynamicCache, mask: torch.Tensor) -> BatchState:
+        """The batch a prefill made: `mask` [rows, T] is the (left-padded) mask it ran with."""
+        positions = mask.sum(dim=1)
         return cls(growing_cache(cache_tensors(cache)), mask, positions)
 
     @property
@@ -132,6 +133,22 @@ class BatchState:
                 for k, v in cache_tensors(self.cache)
             ]
         )
+
+
+def prefill_inputs(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(input ids, attention mask, position ids), each [rows, longest prompt], prompts left-padded.
+
+    Each row's positions start at 0 at its first real token, as if it ran alone;
+    padding gets position 0 and is masked out.
+    """
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, length - len(prompt) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """`--backend transformers`: a Hugging Face causal LM with continuous batching, CPU or CUDA.
 
 One engine loop (an asyncio task) owns the model. Each iteration it drops
-requests that finished or were cancelled, prefills the requests that arrived
-(each alone, so its first token is ready at once), merges them into the running
-batch, and runs one decode step for every running request together. The
+requests that finished or were cancelled, runs one decode step for every
+running request together, then prefills the requests that arrived (together,
+in one left-padded forward) and merges them into the running batch. The
 blocking torch work runs on one dedicated thread, so the worker's event loop
 keeps serving sockets meanwhile. A request therefore joins at the next step
 and leaves as soon as it is done; `--capacity` bounds the batch.
@@ -38,7 +38,7 @@ import torch
 
 from mesh.engines import sampling
 from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
-from mesh.engines.batching import BatchState
+from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.detokenize import IncrementalDetokenizer
 from mesh.engines.stop import StopMatcher
 from mesh.models import ModelError, resolve_model
@@ -48,6 +48,8 @@ log = logging.getLogger("mesh.engines.transformers")
 
 #: torch intra-op threads for a CPU worker (see _load).
 CPU_THREADS = 1
+#: Padded tokens (rows x longest prompt) one prefill forward may hold; more joiners are split.
+MAX_PREFILL_TOKENS = 4096
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -347,21 +349,47 @@ class TransformersEngine(Engine):
                 rows = [s for s in running if s.batch is batch]
                 if rows:
                     tokens.extend(self._decode_step(batch, rows))
-            for seq in joining:
-                tokens.append(self._prefill(seq))
+            for group in self._prefill_groups(joining):
+                tokens.extend(self._prefill(group))
             return tokens
 
-    def _prefill(self, seq: _Sequence) -> _Token:
-        ids = torch.tensor([seq.prefill_ids], dtype=torch.long, device=self._device)
-        out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        state = BatchState.from_prefill(out.past_key_values, len(seq.prefill_ids), self._device)
+    def _prefill_groups(self, joining: list[_Sequence]) -> list[list[_Sequence]]:
+        """Consecutive runs of joining requests to prefill together (rows keep the join order).
+
+        --deterministic prefills each alone; otherwise a group's padded size stays within
+        MAX_PREFILL_TOKENS, which bounds the attention scores a CPU forward materialises.
+        """
+        if self.config.deterministic:
+            return [[seq] for seq in joining]
+        groups: list[list[_Sequence]] = []
+        longest = 0
+        for seq in joining:
+            length = len(seq.prefill_ids)
+            if groups and max(longest, length) * (len(groups[-1]) + 1) <= MAX_PREFILL_TOKENS:
+                groups[-1].append(seq)
+                longest = max(longest, length)
+            else:
+                groups.append([seq])
+                longest = length
+        return groups
+
+    def _prefill(self, group: list[_Sequence]) -> list[_Token]:
+        ids, mask, positions = prefill_inputs([seq.prefill_ids for seq in group], self._device)
+        out = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        state = BatchState.from_prefill(out.past_key_values, mask)
         if self.config.deterministic or not self._batches:
             self._batches.append(state)
         else:
             self._batches[0].merge(state)
             state = self._batches[0]
-        seq.batch = state
-        return self._pick(seq, out.logits[0, -1])
+        logits = out.logits[:, -1]
+        picked = []
+        for row, seq in enumerate(group):
+            seq.batch = state
+            picked.append(self._pick(seq, logits[row]))
+        return picked
 
     def _decode_step(self, batch: BatchState, rows: list[_Sequence]) -> list[_Token]:
         input_ids = torch.tensor([[s.output_ids[-1]] for s in rows], dtype=torch.long, device=self._device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mesh.engines import sampling
-from mesh.engines.batching import BatchState
+from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.detokenize import IncrementalDetokenizer
 from mesh.engines.stop import StopMatcher
 from mesh.protocol import GenerateRequest
@@ -184,7 +184,19 @@ def _state(length: int, fill: float) -> BatchState:
     cache = DynamicCache()
     for layer in range(2):
         cache.update(torch.full((1, 3, length, 4), fill), torch.full((1, 3, length, 4), -fill), layer)
-    return BatchState.from_prefill(cache, length, torch.device("cpu"))
+    return BatchState.from_prefill(cache, torch.ones(1, length, dtype=torch.long))
+
+
+def test_prefill_inputs_left_pad_and_number_each_row_from_zero() -> None:
+    ids, mask, positions = prefill_inputs([[5, 6, 7], [8]], torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 3, 3, 4), torch.zeros(2, 3, 3, 4), 0)
+    assert BatchState.from_prefill(cache, mask).positions.tolist() == [3, 1]  # each row's next position
 
 
 def test_merge_left_pads_the_shorter_rows_and_keep_trims_padding() -> None:

@@ -85,6 +85,19 @@ async def test_greedy_output_equals_transformers_generate(client: MeshClient, mo
     assert done.usage.prompt_tokens == ids.shape[1]
 
 
+async def test_requests_prefilled_together_match_their_lone_runs(client: MeshClient) -> None:
+    # Prompts of different lengths arriving at once are prefilled in one left-padded forward on
+    # worker a; worker b (--deterministic) runs each alone. Wrong padding or positions would show.
+    prompts = ["Hi", "The capital of France is", "List three animals that live in the sea and say why"]
+    together = await asyncio.gather(
+        *(client.complete(GenerateRequest(model="tiny-a", prompt=p, max_tokens=12, temperature=0)) for p in prompts)
+    )
+    for prompt, result in zip(prompts, together, strict=True):
+        alone = await client.complete(GenerateRequest(model="tiny-b", prompt=prompt, max_tokens=12, temperature=0))
+        assert (result.worker_id, alone.worker_id) == ("a", "b")
+        assert result.token_ids == alone.token_ids, prompt
+
+
 async def test_stop_string_ends_the_output_and_is_not_emitted(client: MeshClient) -> None:
     free = await client.complete(chat("Count from 1 to 10, separated by commas.", max_tokens=24, temperature=0))
     # Stop on a piece of the greedy text that most likely spans tokens: a digit and the comma after it.
