@@ -54,7 +54,7 @@ VLLM_WORKER_ARGS = ("--gpu-memory-utilization", str(VLLM_MEMORY_SHARE), "--max-m
 async def start_model_mesh(group: ProcessGroup, backend: str, worker_args: tuple[str, ...] = ()) -> str:
     """Broker, one worker on the default model with `backend`, and the OpenAI gateway; returns the gateway's /v1 URL."""
     url = free_broker_url()
-    broker = group.broker(url, "--log-level", "WARNING")
+    broker = group.broker(url, "--log-level", "INFO")
     worker = group.mesh(f"worker-{backend}", "worker", "--broker", url, "--backend", backend, *worker_args)
     await wait_for_models(url, [], [broker, worker], timeout=MODEL_START_TIMEOUT)
     return await start_gateway(group, url)

@@ -31,6 +31,7 @@ from mesh import __version__, transport
 from mesh.discovery import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, expiry_after
 from mesh.dispatch import POLICIES, Candidate, DispatchMethod, DispatchState
 from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
+from mesh.heap import freeze_startup_objects
 from mesh.protocol import (
     REQUEST_ID_SIZE,
     Announcement,
@@ -149,6 +150,7 @@ class Broker:
         """Serves until stop(); binds first if needed, closes the sockets at the end."""
         if not self._sockets_open:
             self.bind()
+        freeze_startup_objects()
         poller = zmq.Poller()
         for sock in (self.front, self.back, self.bus_in, self.bus_out):
             poller.register(sock, zmq.POLLIN)

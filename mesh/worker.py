@@ -29,6 +29,7 @@ from mesh import __version__, transport
 from mesh.discovery import HEARTBEAT_INTERVAL
 from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
 from mesh.engines import Engine, EngineConfig, EngineError, EngineOutput
+from mesh.heap import freeze_startup_objects
 from mesh.protocol import (
     REQUEST_ID_SIZE,
     Announcement,
@@ -111,6 +112,8 @@ class Worker:
     async def run(self) -> None:
         """Starts the engine, serves until stop() (or SIGTERM), then drains and closes."""
         await self.engine.start()
+        frozen = freeze_startup_objects()
+        log.debug("%d start-up objects exempted from garbage collection", frozen)
         self._models = self.engine.model_names
         ctx = zmq.Context()
         security = self.config.security

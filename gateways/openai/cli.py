@@ -10,6 +10,7 @@ import ssl
 
 from gateways.openai.config import GatewayConfig
 from mesh.cli_options import add_mesh_options, comma_list, run_service, security_from_args
+from mesh.heap import freeze_startup_objects
 
 log = logging.getLogger("gateways.openai")
 
@@ -178,6 +179,7 @@ class GatewayService:
         try:
             site = web.TCPSite(runner, config.host, config.port, ssl_context=self.ssl_context)
             await site.start()
+            freeze_startup_objects()
             scheme = "https" if self.ssl_context else "http"
             log.info("OpenAI API on %s://%s:%d/v1 (broker %s)", scheme, config.host, config.port, config.broker_url)
             await self._stopping.wait()
