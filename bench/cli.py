@@ -68,7 +68,7 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
         levels, requests, tokens = args.concurrency, args.requests, args.max_tokens
     return await overhead.run(args.out, levels=levels, requests=requests, max_tokens=tokens,
                               gateway=not args.no_gateway, max_seconds=args.max_seconds,
-                              progress=not args.no_progress, profile=args.profile)
+                              progress=not args.no_progress, profile=args.profile, pin=args.pin)
 
 
 def _serve_sizes(args: argparse.Namespace) -> tuple[list[int], int, float]:
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="cap per level and layer (default: 30)")
     p.add_argument("--no-gateway", action="store_true", help="skip the HTTP gateway layer")
+    p.add_argument("--pin", action="store_true",
+                   help="broker and worker on one CPU, gateway and the bench client on another (--cpus)")
 
     for name, text in (("serve", "a real model through the OpenAI gateway at a sweep of concurrency"),
                        ("compare", "the serve workload against several OpenAI endpoints, alternating")):

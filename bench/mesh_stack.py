@@ -6,12 +6,35 @@ mesh's own cost, never a model's.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.processes import ProcessGroup, StartupError, free_broker_url, start_gateway, wait_for_models
 
 SYNTHETIC_MODEL = "synthetic-bench"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The CPU (a `--cpus` value) of each process: broker, worker, gateway, and the bench process itself."""
+
+    broker: str
+    worker: str
+    gateway: str
+    client: str
+
+    @classmethod
+    def split(cls) -> Placement | None:
+        """Broker and worker on one CPU, gateway and client on another; None with fewer than 2 CPUs.
+
+        Each pair that talks most shares a CPU, so only the gateway-broker hop crosses CPUs.
+        """
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        first, second = str(cpus[0]), str(cpus[1])
+        return cls(broker=first, worker=first, gateway=second, client=second)
 
 
 @dataclass
@@ -22,18 +45,22 @@ class SyntheticMesh:
     gateway_skipped: str | None = None
 
 
-async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool) -> SyntheticMesh:
+async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool,
+                               placement: Placement | None = None) -> SyntheticMesh:
+    def cpus(value: str | None) -> tuple[str, ...]:
+        return ("--cpus", value) if value is not None else ()
+
     group = ProcessGroup(logs)
     try:
         url = free_broker_url()
-        broker = group.broker(url, "--log-level", "WARNING")
+        broker = group.broker(url, "--log-level", "WARNING", *cpus(placement and placement.broker))
         worker = group.synthetic_worker(url, "bench-synthetic", "--capacity", str(capacity), "--log-level", "WARNING",
-                                        models=SYNTHETIC_MODEL)
+                                        *cpus(placement and placement.worker), models=SYNTHETIC_MODEL)
         await wait_for_models(url, [SYNTHETIC_MODEL], [broker, worker], timeout=60)
         mesh = SyntheticMesh(group, url)
         if gateway:
             try:
-                mesh.gateway_url = await start_gateway(group, url)
+                mesh.gateway_url = await start_gateway(group, url, *cpus(placement and placement.gateway))
             except StartupError as exc:
                 mesh.gateway_skipped = str(exc)
         return mesh

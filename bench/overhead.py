@@ -10,10 +10,16 @@ Layers, each at every concurrency level:
 
 added_ttft_ms (the issue's figure) is the full stack's TTFT minus the engine's own,
 per percentile, at concurrency 1.
+
+--pin places the processes (`mesh ... --cpus`): broker and worker on one CPU,
+gateway and the bench process on another. The OS scheduler otherwise spreads
+threads over idle CPUs, and on a VM every cross-CPU wake-up is an interrupt
+through the hypervisor (see bench/README.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -29,10 +35,11 @@ from bench.load import (
     run_closed_loop,
     summarize,
 )
-from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
+from bench.mesh_stack import SYNTHETIC_MODEL, Placement, start_synthetic_mesh
 from bench.profile import Profiler
 from bench.rawhttp import RawHttpPool, raw_http_requester
 from bench.report import SuiteResult, Target, load_table, plot_load
+from mesh.cli_options import cpu_list
 from mesh.client import MeshClient
 from mesh.engines.base import EngineConfig
 from mesh.engines.synthetic import SyntheticEngine
@@ -72,11 +79,25 @@ def _added(layer: LoadSummary, base: LoadSummary) -> dict[str, float]:
 
 
 async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, gateway: bool, max_seconds: float,
-              progress: bool = True, profile: bool = False) -> SuiteResult:
+              progress: bool = True, profile: bool = False, pin: bool = False) -> SuiteResult:
+    placement = Placement.split() if pin else None
+    params = {"concurrency": levels, "requests_per_level": requests, "max_tokens": max_tokens,
+              "engine": "synthetic, no delay (fake tokens)", "max_seconds_per_level": max_seconds,
+              "placement": dataclasses.asdict(placement) if placement else "the OS scheduler's"}
+    affinity = os.sched_getaffinity(0)
+    if placement is not None:  # this process, and the threads it starts from now on
+        os.sched_setaffinity(0, cpu_list(placement.client))
+    try:
+        return await _run(out, params, levels, requests, max_tokens, gateway, max_seconds, progress, profile, placement)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+async def _run(out: Path, params: dict[str, object], levels: list[int], requests: int, max_tokens: int,
+               gateway: bool, max_seconds: float, progress: bool, profile: bool,
+               placement: Placement | None) -> SuiteResult:
     from tqdm import tqdm
 
-    params = {"concurrency": levels, "requests_per_level": requests, "max_tokens": max_tokens,
-              "engine": "synthetic, no delay (fake tokens)", "max_seconds_per_level": max_seconds}
     layers: dict[str, list[LoadSummary]] = {}
     profiler = Profiler(out)
     skipped: dict[str, str] = {}
@@ -87,7 +108,8 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
         await engine.start()
         layers["engine"] = await _sweep("engine", lambda: engine_requester(engine, max_tokens), levels, requests,
                                         max_seconds, bar)
-        mesh = await start_synthetic_mesh(out / "logs" / "overhead", capacity=max(levels), gateway=gateway)
+        mesh = await start_synthetic_mesh(out / "logs" / "overhead", capacity=max(levels), gateway=gateway,
+                                          placement=placement)
         with mesh.group:
             async with MeshClient(mesh.broker_url) as client:
                 await client.wait_for_models([SYNTHETIC_MODEL])

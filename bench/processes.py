@@ -209,14 +209,14 @@ def mesh_command_help(*command: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-async def start_gateway(group: ProcessGroup, broker_url: str, timeout: float = 60.0) -> str:
-    """Starts `mesh gateway openai` on a free loopback port; returns its base URL (…/v1)."""
+async def start_gateway(group: ProcessGroup, broker_url: str, *args: str, timeout: float = 60.0) -> str:
+    """Starts `mesh gateway openai` (with `args`) on a free loopback port; returns its base URL (…/v1)."""
     help_text = await asyncio.to_thread(mesh_command_help, "gateway", "openai")
     if "--port" not in help_text:
         raise StartupError("`mesh gateway openai` is not available (no --port option)")
     port = free_port()
     gateway = group.mesh("gateway", "gateway", "openai", "--broker", broker_url, "--host", "127.0.0.1",
-                         "--port", str(port))
+                         "--port", str(port), *args)
     base = f"http://127.0.0.1:{port}"
     await wait_for_http(f"{base}/health", [gateway], timeout)
     return f"{base}/v1"

@@ -11,7 +11,13 @@ import time
 from collections.abc import Sequence
 
 from mesh import __version__
-from mesh.cli_options import add_mesh_options, comma_list, run_service, security_from_args, setup_logging
+from mesh.cli_options import (
+    add_mesh_options,
+    apply_process_options,
+    comma_list,
+    run_service,
+    security_from_args,
+)
 from mesh.dispatch import DISPATCH_METHODS
 from mesh.errors import MeshError
 
@@ -346,8 +352,8 @@ def _extension_registrars() -> list:  # type: ignore[type-arg]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "log_level", "INFO"))
     try:
+        apply_process_options(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import subprocess
@@ -132,3 +133,28 @@ def test_sigterm_drains_in_flight_requests(processes: ProcessGroup, broker_url: 
     assert len(out.split()) == 30  # the in-flight request finished
     assert worker.popen.wait(10) == 0
     wait_until(lambda: status(broker_url)["workers"] == [], timeout=3, message="worker gone after BYE")
+
+
+def test_cpu_lists() -> None:
+    from mesh.cli_options import cpu_list
+
+    assert cpu_list("0") == {0}
+    assert cpu_list("0,2-3") == {0, 2, 3}
+    for bad in ("", "x", "3-x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_list(bad)
+
+
+def test_cpus_keeps_every_thread_of_the_process_on_those_cpus(processes: ProcessGroup, broker_url: str) -> None:
+    import os
+    from pathlib import Path
+
+    cpu = max(os.sched_getaffinity(0))
+    broker = processes.broker(broker_url, "--cpus", str(cpu))
+    processes.synthetic_worker(broker_url, "w1")
+    assert mesh("generate", "--broker", broker_url, "--model", "synthetic", "hi").returncode == 0
+    threads = [int(t.name) for t in Path(f"/proc/{broker.pid}/task").iterdir()]
+    assert len(threads) >= 2  # the main thread and ZeroMQ's I/O thread, at least
+    assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
+    bad = mesh("broker", "--broker", broker_url, "--cpus", "4096")
+    assert bad.returncode == 2 and "Invalid argument" in bad.stderr
