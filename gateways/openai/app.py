@@ -51,6 +51,7 @@ _UNAUTHENTICATED_PATHS = frozenset({"/health"})
 _JSON_TYPES = frozenset({"application/json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
@@ -74,10 +75,13 @@ ARRIVED = "gateway_arrived"
 
 def create_app(config: GatewayConfig) -> web.Application:
     state = GatewayState(config, GatewayMetrics(), openapi_bytes())
-    app = web.Application(
-        client_max_size=config.max_body_size,
-        middlewares=[_outer_middleware, _cors_middleware, _auth_middleware],
-    )
+    # A middleware a configuration does not need is left out: each one is a coroutine layer per request.
+    middlewares: list[Middleware] = [_outer_middleware]
+    if config.allowed_origins:
+        middlewares.append(_cors_middleware)
+    if config.api_keys:
+        middlewares.append(_auth_middleware)
+    app = web.Application(client_max_size=config.max_body_size, middlewares=middlewares)
     app[STATE] = state
     app.cleanup_ctx.append(_mesh_client)
     app.on_response_prepare.append(_add_headers)
