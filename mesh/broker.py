@@ -47,7 +47,7 @@ from mesh.protocol import (
     pack_header,
     parse_header,
 )
-from mesh.security import SecurityConfig, check_bind_allowed, gatekeeper_for
+from mesh.security import REFUSAL_LOG_INTERVAL, Role, SecurityConfig, check_bind_allowed, gatekeeper_for
 
 log = logging.getLogger("mesh.broker")
 
@@ -112,6 +112,7 @@ class Broker:
         #: Workers that said BYE, by id -> the start time of that incarnation: their
         #: announcements still in flight on the bus must not bring them back.
         self._departed: dict[bytes, float] = {}
+        self._revoked_logged: dict[str | None, float] = {}
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
         # Until every live worker has had one heartbeat to announce itself (after a
@@ -160,11 +161,19 @@ class Broker:
             self.bus_in: self._on_bus_in,
             self.bus_out: self._on_subscription,
         }
+        # Under CURVE, messages from clients and announcements from workers are checked against the
+        # allow-lists as they are now, so revoking a key also stops a peer that is already connected.
+        # Token frames (the hot path) are not: a worker that can no longer announce itself is soon gone.
+        checked: dict[zmq.Socket, Role] = {self.front: "clients", self.bus_in: "workers"} if self._gatekeeper else {}
         timeout_ms = int(TICK_SECONDS * 1000)
         try:
             while not self._stop.is_set():
                 for sock, _ in poller.poll(timeout_ms):
-                    self._drain(sock, handlers[sock])
+                    role = checked.get(sock)
+                    if role is None:
+                        self._drain(sock, handlers[sock])
+                    else:
+                        self._drain_checked(sock, handlers[sock], role)
                 self._tick(time.monotonic())
         finally:
             self.close()
@@ -191,6 +200,37 @@ class Broker:
                 handler(frames)
             except ProtocolError as exc:
                 self._drop("malformed", exc)
+
+    def _drain_checked(self, sock: zmq.Socket, handler, role: Role) -> None:  # type: ignore[no-untyped-def]
+        gatekeeper = self._gatekeeper
+        assert gatekeeper is not None
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames, user = transport.recv_nowait_with_user(sock)
+            except zmq.Again:
+                return
+            try:
+                if gatekeeper.admits(role, user):
+                    handler(frames)
+                else:
+                    self._refuse_revoked(role, user, frames)
+            except ProtocolError as exc:
+                self._drop("malformed", exc)
+
+    def _refuse_revoked(self, role: Role, user: str | None, frames: list[bytes]) -> None:
+        self.dropped["revoked"] += 1
+        now = time.monotonic()
+        if now - self._revoked_logged.get(user, float("-inf")) >= REFUSAL_LOG_INTERVAL:
+            self._revoked_logged[user] = now
+            log.warning("refused a message on %s: public key %s is no longer on allow/%s", role, user, role)
+        if role != "clients" or len(frames) < 2:
+            return  # a worker's announcement: without it the worker expires like a silent one
+        kind, request_id = parse_header(frames[1])
+        if kind is Kind.CANCEL:
+            self._on_client(frames)  # letting go of work it started before is always allowed
+        elif kind is Kind.SUBMIT:
+            message = "this client's key is no longer on the broker's allow-list"
+            self._reply(frames[0], error_frames(request_id, ErrorCode.FORBIDDEN, message))
 
     def _drop(self, reason: str, detail: object) -> None:
         self.dropped[reason] += 1

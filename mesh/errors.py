@@ -6,7 +6,8 @@
     │   ├── ModelNotFoundError      model_not_found
     │   ├── OverloadedError         overloaded
     │   ├── WorkerLostError         worker_lost
-    │   └── EngineFailureError      internal
+    │   ├── EngineFailureError      internal
+    │   └── ForbiddenError          forbidden (the client's key was revoked)
     ├── MeshTimeoutError        no answer within the timeout
     └── BrokerUnavailableError  the broker is down or unreachable
 """
@@ -48,6 +49,10 @@ class EngineFailureError(RequestError):
     code = ErrorCode.INTERNAL.value
 
 
+class ForbiddenError(RequestError):
+    code = ErrorCode.FORBIDDEN.value
+
+
 class MeshTimeoutError(MeshError):
     code = "timeout"
 
@@ -64,6 +69,7 @@ _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.INTERNAL: EngineFailureError,
     ErrorCode.CANCELLED: RequestError,
     ErrorCode.WORKER_UNAVAILABLE: OverloadedError,
+    ErrorCode.FORBIDDEN: ForbiddenError,
 }
 
 

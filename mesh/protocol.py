@@ -70,6 +70,8 @@ class ErrorCode(enum.Enum):
     #: A worker that cannot take a request it was sent (draining, full): the
     #: broker retries it elsewhere; clients never see this code.
     WORKER_UNAVAILABLE = "worker_unavailable"
+    #: The client's CURVE key was taken off the broker's allow-list while it was connected.
+    FORBIDDEN = "forbidden"
 
     def __str__(self) -> str:
         return self.value

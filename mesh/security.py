@@ -47,6 +47,8 @@ NODE_KEY = "node"  # node.key / node.key_secret
 ALLOW_DIR = "allow"
 #: Seconds between two log lines about the same refused key (each refusal is counted).
 REFUSAL_LOG_INTERVAL = 10.0
+#: Seconds between re-reads of an allow-list folder when messages are checked against it.
+ADMIT_REFRESH_S = 0.5
 
 
 class InsecureBindError(RuntimeError):
@@ -184,6 +186,7 @@ class _AllowList:
         self._lock = threading.Lock()
         self._refused: dict[bytes, tuple[float, int]] = {}  # key -> (last logged, refusals since)
         self.refusals = 0
+        self._checked_at = float("-inf")
         self.refresh()
 
     def refresh(self) -> None:
@@ -201,6 +204,14 @@ class _AllowList:
     @property
     def size(self) -> int:
         return len(self._keys)
+
+    def admits(self, key: bytes) -> bool:
+        """Whether `key` (z85) is on the list now; the folder is re-read at most every ADMIT_REFRESH_S."""
+        now = time.monotonic()
+        if now - self._checked_at >= ADMIT_REFRESH_S:
+            self._checked_at = now
+            self.refresh()
+        return key in self._keys
 
     def callback(self, domain: str, key: bytes) -> bool:
         self.refresh()
@@ -320,6 +331,11 @@ class Gatekeeper:
     @property
     def refusals(self) -> int:
         return sum(a.refusals for a in self.allow_lists.values()) + self._handshakes.failures
+
+    def admits(self, role: Role, user_id: str | None) -> bool:
+        """Whether a message's sender (its ZAP User-Id, a z85 key) is still on `role`'s list: a key
+        taken off the list stops a peer that connected before, at its next message."""
+        return user_id is not None and self.allow_lists[role].admits(user_id.encode())
 
 
 def gatekeeper_for(context: zmq.Context, security: SecurityConfig) -> Gatekeeper | None:

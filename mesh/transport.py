@@ -83,6 +83,20 @@ def recv_nowait(sock: zmq.Socket) -> list[bytes]:
     return parts
 
 
+def recv_nowait_with_user(sock: zmq.Socket) -> tuple[list[bytes], str | None]:
+    """recv_nowait, plus who sent it: the ZAP User-Id, which under CURVE is the sender's z85 public key."""
+    frame = _raw_recv(sock, _NOBLOCK, False)
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:  # a message with no such property: no ZAP handler admitted its sender
+        user = None
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _raw_recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
+    return parts, user
+
+
 class AsyncChannel:
     """A plain ZeroMQ socket driven from asyncio, with no task between the socket and its reader.
 

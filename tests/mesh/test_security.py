@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mesh.client import MeshClient
-from mesh.errors import BrokerUnavailableError
+from mesh.errors import BrokerUnavailableError, ForbiddenError
 from mesh.keys import KeysError, Node, add_nodes, init_keys, plan_nodes
 from mesh.protocol import GenerateRequest
 from mesh.security import KeyMaterialError, SecurityConfig, load_broker_keys, load_node_keys
@@ -93,6 +93,48 @@ def test_non_loopback_bind_needs_keys_or_insecure(processes: ProcessGroup, keys:
                    timeout=20, message=f"broker {extra} answering")
         assert broker.alive()
         broker.stop()
+
+
+def test_revoking_a_key_stops_peers_that_are_already_connected(
+    processes: ProcessGroup, broker_url: str, keys: Path
+) -> None:
+    broker = processes.broker(broker_url, "--keys", str(keys / "broker"))
+    processes.synthetic_worker(broker_url, "w1", "--keys", str(keys / "workers" / "worker-1"))
+    processes.synthetic_worker(broker_url, "w2", "--keys", str(keys / "workers" / "worker-2"))
+    request = GenerateRequest(model="synthetic", prompt="hi", max_tokens=4)
+
+    async def scenario() -> None:
+        async with (
+            MeshClient(broker_url, security=_keys(keys, "clients", "gateway")) as kept,
+            MeshClient(broker_url, security=_keys(keys, "clients", "client-1"), timeout=10) as revoked,
+        ):
+            await wait_for_workers(kept, 2, timeout=30)
+            await revoked.wait_for_broker(10)
+            assert (await revoked.complete(request)).usage.completion_tokens == 4
+            allow = keys / "broker" / "allow"
+            (allow / "clients" / "client-1.key").unlink()
+            (allow / "workers" / "worker-2.key").unlink()
+            with pytest.raises(ForbiddenError, match="allow-list"):
+                await wait_until_raises(lambda: revoked.complete(request), timeout=5)
+            for _ in range(100):  # worker-2's announcements are refused: it expires within 1.5 s
+                if [w.worker_id for w in kept.workers()] == ["w1"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert [w.worker_id for w in kept.workers()] == ["w1"]
+            results = await asyncio.gather(*(kept.complete(request) for _ in range(8)))
+            assert {r.worker_id for r in results} == {"w1"}
+
+    asyncio.run(scenario())
+    assert "no longer on allow/clients" in broker.output() and "no longer on allow/workers" in broker.output()
+
+
+async def wait_until_raises(call, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Repeats `call` until it raises (what it raises propagates), failing after `timeout` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        await call()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"still accepted after {timeout} s")
 
 
 def test_curve_admits_listed_keys_only_and_reloads_lists(processes: ProcessGroup, broker_url: str, keys: Path) -> None:
