@@ -23,7 +23,9 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -155,25 +157,25 @@ class Broker:
         poller = zmq.Poller()
         for sock in (self.front, self.back, self.bus_in, self.bus_out):
             poller.register(sock, zmq.POLLIN)
-        handlers = {
-            self.front: self._on_client,
-            self.back: self._on_worker,
-            self.bus_in: self._on_bus_in,
-            self.bus_out: self._on_subscription,
+        recv = transport.recv_nowait
+        routes: dict[zmq.Socket, tuple[Callable[[zmq.Socket], Any], Callable[[Any], None]]] = {
+            self.front: (recv, self._on_client),
+            self.back: (recv, self._on_worker),
+            self.bus_in: (recv, self._on_bus_in),
+            self.bus_out: (recv, self._on_subscription),
         }
-        # Under CURVE, messages from clients and announcements from workers are checked against the
-        # allow-lists as they are now, so revoking a key also stops a peer that is already connected.
-        # Token frames (the hot path) are not: a worker that can no longer announce itself is soon gone.
-        checked: dict[zmq.Socket, Role] = {self.front: "clients", self.bus_in: "workers"} if self._gatekeeper else {}
+        if self._gatekeeper is not None:
+            # Messages from clients and announcements from workers are checked against the allow-lists
+            # as they are now, so revoking a key also stops a peer that is already connected. Token
+            # frames (the hot path) are not: a worker that can no longer announce itself is soon gone.
+            recv_checked = transport.recv_nowait_with_user
+            routes[self.front] = (recv_checked, self._admitted("clients", self._on_client))
+            routes[self.bus_in] = (recv_checked, self._admitted("workers", self._on_bus_in))
         timeout_ms = int(TICK_SECONDS * 1000)
         try:
             while not self._stop.is_set():
                 for sock, _ in poller.poll(timeout_ms):
-                    role = checked.get(sock)
-                    if role is None:
-                        self._drain(sock, handlers[sock])
-                    else:
-                        self._drain_checked(sock, handlers[sock], role)
+                    self._drain(sock, *routes[sock])
                 self._tick(time.monotonic())
         finally:
             self.close()
@@ -189,8 +191,7 @@ class Broker:
         if self._own_context:
             self._context.term()
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:  # type: ignore[no-untyped-def]
-        recv = transport.recv_nowait
+    def _drain(self, sock: zmq.Socket, recv: Callable[[zmq.Socket], Any], handler: Callable[[Any], None]) -> None:
         for _ in range(DRAIN_BATCH):
             try:
                 frames = recv(sock)
@@ -201,21 +202,21 @@ class Broker:
             except ProtocolError as exc:
                 self._drop("malformed", exc)
 
-    def _drain_checked(self, sock: zmq.Socket, handler, role: Role) -> None:  # type: ignore[no-untyped-def]
+    def _admitted(
+        self, role: Role, handler: Callable[[list[bytes]], None]
+    ) -> Callable[[tuple[list[bytes], str | None]], None]:
+        """`handler` for messages whose sender is still on `role`'s allow-list; the others are refused."""
         gatekeeper = self._gatekeeper
         assert gatekeeper is not None
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames, user = transport.recv_nowait_with_user(sock)
-            except zmq.Again:
-                return
-            try:
-                if gatekeeper.admits(role, user):
-                    handler(frames)
-                else:
-                    self._refuse_revoked(role, user, frames)
-            except ProtocolError as exc:
-                self._drop("malformed", exc)
+
+        def checked(received: tuple[list[bytes], str | None]) -> None:
+            frames, user = received
+            if gatekeeper.admits(role, user):
+                handler(frames)
+            else:
+                self._refuse_revoked(role, user, frames)
+
+        return checked
 
     def _refuse_revoked(self, role: Role, user: str | None, frames: list[bytes]) -> None:
         self.dropped["revoked"] += 1
