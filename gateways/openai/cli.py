@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import ssl
 
 from gateways.openai.config import GatewayConfig
 from mesh.cli_options import add_mesh_options, comma_list, run_service, security_from_args
+from mesh.endpoints import is_loopback_host
 from mesh.heap import freeze_startup_objects
 
 log = logging.getLogger("gateways.openai")
@@ -99,15 +99,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--default-max-tokens must be at least 1")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _run(args: argparse.Namespace) -> int:
     _check_args(args)
     config = GatewayConfig(
@@ -171,7 +162,7 @@ class GatewayService:
         from gateways.openai.app import create_app
 
         config = self.config
-        if not _is_loopback(config.host) and not config.api_keys:
+        if not is_loopback_host(config.host) and not config.api_keys:
             log.warning("listening on %s with no --api-keys: anyone who reaches it can use the models", config.host)
         logging.getLogger("aiohttp.server").addFilter(_QuietBadHttp())
         runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
