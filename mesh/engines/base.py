@@ -75,9 +75,9 @@ class Engine(abc.ABC):
 
     #: The name `mesh worker --backend` knows it by.
     backend: str = ""
-    #: Whether generate() honours GenerateRequest.resume_token_ids (continues a migrated request).
-    #: A transformers or vllm engine would append them to the prompt's token ids, skip echo, and
-    #: count them in completion_tokens; until one does, the worker refuses such requests.
+    #: Whether generate() honours GenerateRequest.resume_token_ids (continues a migrated request):
+    #: appends them to the prompt's token ids, skips echo, and counts them in completion_tokens.
+    #: The worker refuses a migrated request for an engine that does not.
     supports_resume: bool = False
 
     def __init__(self, config: EngineConfig) -> None:
