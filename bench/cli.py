@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from bench.report import SuiteResult, skipped, targets_table, write_json
+from mesh.cli_options import add_cpu_latency_option
+from mesh.cpu_latency import CpuLatencyError, request_cpu_latency
 
 DEFAULT_OUT = Path("bench-results")
 Runner = Callable[[argparse.Namespace], Awaitable[SuiteResult]]
@@ -34,6 +37,7 @@ def _common(p: argparse.ArgumentParser, profiled: bool = False) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced run for a smoke check (under a minute)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny counts, for CI
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_cpu_latency_option(p)
     if profiled:
         p.add_argument("--profile", action="store_true",
                        help="sample the mesh processes with py-spy; OUT/profile-*.txt says where the time goes")
@@ -199,6 +203,10 @@ async def run_suite(name: str, args: argparse.Namespace) -> SuiteResult:
     return result
 
 
+def _cpu_latency(max_us: int | None) -> contextlib.AbstractContextManager[object]:
+    return request_cpu_latency(max_us) if max_us is not None else contextlib.nullcontext()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, so every process the suite started is stopped.
     raise KeyboardInterrupt
@@ -211,8 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        # System-wide, so the bench process's own request covers every process a suite starts.
+        with _cpu_latency(args.cpu_latency_us), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(run_suite(args.suite, args))
+    except CpuLatencyError as exc:
+        print(f"{args.suite}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{args.suite}: interrupted; every process it started was stopped", file=sys.stderr)
         return 130

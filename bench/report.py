@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from bench.load import LoadSummary
+from mesh.cpu_latency import idle_states
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ def machine_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return {
         "cpu": _cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-        "platform": platform.platform(), "load_avg_1m": round(load[0], 2),
+        "platform": platform.platform(), "load_avg_1m": round(load[0], 2), "cpu_idle": idle_states(),
     }
 
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from mesh import __version__
 from mesh.cli_options import (
     add_mesh_options,
-    apply_process_options,
     comma_list,
+    process_options,
     run_service,
     security_from_args,
 )
@@ -353,8 +353,8 @@ def _extension_registrars() -> list:  # type: ignore[type-arg]
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        apply_process_options(args)
-        return int(args.run(args) or 0)
+        with process_options(args):
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a start-up failure: one clear line, not a traceback

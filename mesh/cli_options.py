@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +17,7 @@ from mesh.security import SecurityConfig
 
 
 def add_mesh_options(parser: argparse.ArgumentParser) -> None:
-    """--broker, --keys, --insecure, --cpus and --log-level: what every process needs."""
+    """--broker, --keys, --insecure, --cpus, --cpu-latency-us and --log-level: what every process needs."""
     group = parser.add_argument_group("mesh")
     group.add_argument(
         "--broker",
@@ -43,6 +44,7 @@ def add_mesh_options(parser: argparse.ArgumentParser) -> None:
         "taskset would. On VMs where waking a thread on another CPU is slow, a process whose threads share "
         "a CPU answers sooner: see bench/README.md",
     )
+    add_cpu_latency_option(group)
     group.add_argument(
         "--log-level",
         default="INFO",
@@ -65,12 +67,45 @@ def cpu_list(value: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
-def apply_process_options(args: argparse.Namespace) -> None:
-    """What must happen before the command starts any thread: logging, and the CPU set threads inherit."""
+def add_cpu_latency_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--cpu-latency-us",
+        type=microseconds,
+        metavar="N",
+        help="while this process runs, ask Linux (PM QoS, /dev/cpu_dma_latency) to keep idle CPUs in sleep "
+        "states that wake within N us; 0 keeps them polling. Wake-ups between the mesh's threads get cheaper, "
+        "much so on VMs; system-wide, costs power, needs write access to the device (root). See README, "
+        "Performance",
+    )
+
+
+def microseconds(value: str) -> int:
+    try:
+        us = int(value)
+    except ValueError:
+        us = -1
+    if not 0 <= us < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a whole number of microseconds >= 0, got {value!r}")
+    return us
+
+
+@contextmanager
+def process_options(args: argparse.Namespace) -> Iterator[None]:
+    """Set up before the command starts any thread, held until it returns: logging, the CPU set threads
+    inherit, and the CPU latency request."""
+    from mesh.cpu_latency import request_cpu_latency
+
     setup_logging(getattr(args, "log_level", "INFO"))
     cpus = getattr(args, "cpus", None)
     if cpus:
         os.sched_setaffinity(0, cpus)
+    latency_us = getattr(args, "cpu_latency_us", None)
+    if latency_us is None:
+        yield
+        return
+    with request_cpu_latency(latency_us):
+        logging.getLogger("mesh").info("idle CPUs held to a wake-up latency of %d us while this runs", latency_us)
+        yield
 
 
 def security_from_args(args: argparse.Namespace) -> SecurityConfig:

@@ -326,7 +326,7 @@ async def _http_ok(http: object, url: str) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mesh.cli_options import comma_list
+    from mesh.cli_options import add_cpu_latency_option, comma_list
 
     p = sub.add_parser(
         "up",
@@ -363,6 +363,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="give up when not everything answers after S seconds (default: 600)",
     )
+    add_cpu_latency_option(p)  # system-wide: held by `mesh up` itself, for all its children
     p.add_argument(
         "--log-level",
         default="WARNING",

@@ -6,12 +6,14 @@ Tiny counts (--smoke): this checks the tooling, never the speed (speed targets l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mesh.cpu_latency import PM_QOS_DEVICE, current_cpu_latency
 from tests.support import ProcessGroup, mesh_env
 
 
@@ -51,3 +53,16 @@ def test_overhead_reports_added_ttft_per_layer(processes: ProcessGroup, tmp_path
             assert level["ttft_ms"]["p50"] is not None and level["e2e_ms"]["p99"] is not None
     for png in ("overhead_latency.png", "overhead_throughput.png"):
         assert (tmp_path / png).stat().st_size > 0
+
+
+@pytest.mark.skipif(not os.access(PM_QOS_DEVICE, os.R_OK | os.W_OK), reason=f"no access to {PM_QOS_DEVICE}")
+def test_a_suite_runs_under_the_cpu_latency_it_is_given_and_records_it(processes: ProcessGroup,
+                                                                        tmp_path: Path) -> None:
+    before = current_cpu_latency()
+    assert before is not None
+    if before <= 7:
+        pytest.skip(f"something else already holds the CPU latency at {before} us")
+    result = run_bench(processes, tmp_path, "roundtrip", "--cpu-latency-us", "7")
+    assert result["status"] == "ok", result.get("skipped")
+    assert result["machine"]["cpu_idle"]["pm_qos_cpu_latency_us"] == 7
+    assert current_cpu_latency() == before
