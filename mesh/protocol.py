@@ -136,6 +136,9 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     logprobs: int | None = None
     #: The worker's first chunk carries the prompt's text (and no token ids).
     echo: bool = False
+    #: With echo: that first chunk also carries one logprob entry per prompt token (the first
+    #: token's logprob is None: nothing predicts it), with this many alternatives each.
+    prompt_logprobs: int | None = None
     user: str | None = None
     #: A migrated request: completion tokens another worker already produced (and the client
     #: already streamed). The engine continues after them, as if it had generated them itself;
@@ -152,7 +155,7 @@ class TopLogprob(msgspec.Struct, array_like=True, gc=False):
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token
     top: list[TopLogprob] = []
 
 

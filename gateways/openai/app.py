@@ -313,12 +313,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
             _CompletionEvents(encoder, body.logprobs, len(choices)), _include_usage(body), encoder.usage
         )
     results = await generation.collect()
-    offsets = [_echo_length(r, body.echo) for r in results]
-    return _json_response(responses.completion(id_, created, body.model, results, body.logprobs, offsets))
-
-
-def _echo_length(result: responses.ChoiceResult, echo: bool) -> int:
-    return len(result.texts[0]) if echo and result.texts else 0
+    return _json_response(responses.completion(id_, created, body.model, results, body.logprobs))
 
 
 class _ChatEvents:

@@ -14,6 +14,10 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else -9999.0
 
 
+def _prompt_aware(value: float | None) -> float | None:
+    return None if value is None else _finite(value)  # None: a prompt's first token
+
+
 def chat_logprobs(items: list[TokenLogprob]) -> schemas.ChatLogprobs:
     return schemas.ChatLogprobs(
         content=[
@@ -34,14 +38,18 @@ def chat_logprobs(items: list[TokenLogprob]) -> schemas.ChatLogprobs:
 
 
 def completion_logprobs(items: list[TokenLogprob], text_offset: int, with_top: bool) -> schemas.CompletionLogprobs:
+    """With echo the items begin with the prompt's tokens, the first of which has no logprob."""
     offsets: list[int] = []
     for item in items:
         offsets.append(text_offset)
         text_offset += len(item.token)
     return schemas.CompletionLogprobs(
         tokens=[item.token for item in items],
-        token_logprobs=[_finite(item.logprob) for item in items],
-        top_logprobs=[{top.token: _finite(top.logprob) for top in item.top} if with_top else None for item in items],
+        token_logprobs=[_prompt_aware(item.logprob) for item in items],
+        top_logprobs=[
+            {top.token: _finite(top.logprob) for top in item.top} if with_top and item.logprob is not None else None
+            for item in items
+        ],
         text_offset=offsets,
     )
 
@@ -98,7 +106,7 @@ def chat_completion(
 
 
 def completion(
-    id_: str, created: int, model: str, results: list[ChoiceResult], logprobs: int | None, echo_offsets: list[int]
+    id_: str, created: int, model: str, results: list[ChoiceResult], logprobs: int | None
 ) -> schemas.Completion:
     return schemas.Completion(
         id=id_,
@@ -108,12 +116,12 @@ def completion(
             schemas.CompletionChoice(
                 index=r.index,
                 text=r.text,
-                logprobs=completion_logprobs(r.logprobs, echo_offsets[i], bool(logprobs))
+                logprobs=completion_logprobs(r.logprobs, 0, bool(logprobs))
                 if logprobs is not None
                 else None,
                 finish_reason=finish_name(r.finish_reason),
             )
-            for i, r in enumerate(results)
+            for r in results
         ],
         usage=total_usage(results),
     )

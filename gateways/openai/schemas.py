@@ -82,7 +82,9 @@ Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
 
 class CompletionRequest(_SamplingParams):
     prompt: Prompt = Field(examples=["Once upon a time", ["one", "two"], [1, 2, 3]])
-    echo: bool = False
+    # 0 with echo and logprobs scores a prompt without generating (how evaluation harnesses use it).
+    max_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    echo: bool = Field(default=False, description="prefix the prompt; with logprobs, the prompt's tokens get them too")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 

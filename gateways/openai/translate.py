@@ -169,6 +169,7 @@ def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[
                 seed=choice_seed(request.seed, j),
                 logprobs=request.logprobs,
                 echo=request.echo,
+                prompt_logprobs=request.logprobs if request.echo else None,
                 **sampling,  # type: ignore[arg-type]
             )
             choices.append(Choice(index, group, generate))

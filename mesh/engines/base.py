@@ -68,7 +68,10 @@ class Engine(abc.ABC):
     """A model behind a worker.
 
     generate() yields one EngineOutput per engine step for one request and
-    ends after the output that carries a finish reason. Closing the iterator
+    ends after the output that carries a finish reason. With echo, the first
+    output is the prompt's text alone, carrying its logprobs when
+    prompt_logprobs asks for them (max_tokens 0 then scores without
+    generating). Closing the iterator
     early (the task that consumes it is cancelled) must free the request's
     slot, as abort() does.
     """

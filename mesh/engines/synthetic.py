@@ -13,7 +13,7 @@ import random
 from collections.abc import AsyncIterator
 
 from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
-from mesh.protocol import ErrorCode, FinishReason, GenerateRequest
+from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
 SYNTHETIC_CONTEXT_LENGTH = 4096
 _WORDS = [
@@ -29,6 +29,26 @@ def _prompt_text(request: GenerateRequest) -> str:
     if request.prompt_token_ids is not None:
         return " ".join(map(str, request.prompt_token_ids))
     return request.prompt or ""
+
+
+def _alternatives(top: int) -> list[TopLogprob]:
+    return [TopLogprob(rank, " " + _WORDS[rank], -1.0 - rank) for rank in range(top)]
+
+
+def _token_logprob(token_id: int, top: int) -> TokenLogprob:
+    return TokenLogprob(token_id, " " + _WORDS[token_id], -1.0 - token_id % 3, _alternatives(top))
+
+
+def _prompt_logprobs(prompt: str, top: int | None) -> list[TokenLogprob] | None:
+    """Made-up but well-formed: one entry per word of the prompt (the word is the token), the first None."""
+    if top is None:
+        return None
+    entries = []
+    for position, word in enumerate(prompt.split(" ")):
+        token = word if position == 0 else " " + word
+        logprob = None if position == 0 else -1.0 - (len(word) % 5) / 2
+        entries.append(TokenLogprob(position, token, logprob, _alternatives(top) if position else []))
+    return entries
 
 
 class SyntheticEngine(Engine):
@@ -71,12 +91,14 @@ class SyntheticEngine(Engine):
         self._running += 1
         try:
             if request.echo and not resumed:
-                yield EngineOutput(text=prompt)
+                yield EngineOutput(text=prompt, logprobs=_prompt_logprobs(prompt, request.prompt_logprobs))
             if self.config.ttft_ms:
                 await asyncio.sleep(self.config.ttft_ms / 1000)
             for produced in range(1, request.max_tokens + 1):
                 token_id = rng.randrange(len(_WORDS))
                 output = EngineOutput(text=" " + _WORDS[token_id], token_ids=[token_id])
+                if request.logprobs is not None:
+                    output.logprobs = [_token_logprob(token_id, request.logprobs)]
                 if produced == request.max_tokens:
                     output.finish_reason = FinishReason.LENGTH
                     output.prompt_tokens, output.completion_tokens = prompt_tokens, resumed + produced

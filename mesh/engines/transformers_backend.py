@@ -50,6 +50,9 @@ log = logging.getLogger("mesh.engines.transformers")
 CPU_THREADS = 1
 #: Padded tokens (rows x longest prompt) one prefill forward may hold; more joiners are split.
 MAX_PREFILL_TOKENS = 4096
+#: Prompt positions scored per forward for prompt logprobs: bounds the logits held at once
+#: (positions x vocabulary floats: 512 x 49152 x 4 bytes = 100 MB for the default model).
+SCORE_CHUNK = 512
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -77,6 +80,11 @@ class _Sequence:
     cancelled: bool = False
     #: Set when a step failed; the consumer raises it as an internal error.
     error: str | None = None
+    #: Echo with prompt logprobs: alternatives per prompt token, the echo output held back until
+    #: the engine thread has scored the prompt, and the scores it wrote.
+    prompt_top: int | None = None
+    echo: EngineOutput | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -174,8 +182,12 @@ class TransformersEngine(Engine):
         seq = self._admit(request, request_id)
         try:
             if request.echo and not request.resume_token_ids:
-                yield EngineOutput(text=self._prompt_text(seq.prompt_ids))
-            if seq.finished:  # max_tokens 0
+                echo = EngineOutput(text=self._prompt_text(seq.prompt_ids))
+                if seq.prompt_top is None:
+                    yield echo
+                else:  # it goes out with the prompt's logprobs, once the engine thread has scored it
+                    seq.echo = echo
+            if seq.finished:  # max_tokens 0, nothing to score
                 output, seq.pending = seq.pending, EngineOutput()
                 yield output
                 return
@@ -186,7 +198,14 @@ class TransformersEngine(Engine):
                 seq.ready.clear()
                 if seq.error is not None:
                     raise EngineError(ErrorCode.INTERNAL, seq.error)
-                output, seq.pending = seq.pending, EngineOutput()
+                if seq.echo is not None and seq.prompt_logprobs is not None:
+                    echo, seq.echo = seq.echo, None
+                    echo.logprobs = seq.prompt_logprobs
+                    yield echo
+                output = seq.pending
+                if not (output.text or output.token_ids or output.finish_reason is not None):
+                    continue  # the prompt's scores came alone
+                seq.pending = EngineOutput()
                 yield output
                 if output.finish_reason is not None:
                     return
@@ -238,13 +257,15 @@ class TransformersEngine(Engine):
             detok=IncrementalDetokenizer(self._decode, prompt_ids + resumed),
             stop=StopMatcher(list(request.stop)),
             stop_ids=frozenset(ignored | set(request.stop_token_ids)),
+            prompt_top=request.prompt_logprobs if request.echo and not resumed else None,
         )
         seq.output_ids.extend(resumed)
         if seq.counts is not None:
             for token_id in resumed:
                 seq.counts.add(token_id)
         seq.pending.prompt_tokens = len(prompt_ids)
-        if request.max_tokens == 0:  # nothing to generate (echo only, or a resumed request already complete)
+        if request.max_tokens == 0 and seq.prompt_top is None:
+            # Nothing to generate or score (echo only, or a resumed request already complete).
             self._finish(seq, FinishReason.LENGTH)
         self._by_id[request_id] = seq
         return seq
@@ -303,16 +324,23 @@ class TransformersEngine(Engine):
                 continue
             room = max(self.config.capacity - len(self._running), 0)
             joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            scoring = [s for s in joining if s.prompt_top is not None]
+            generating = [s for s in joining if s.limit > len(s.output_ids)]  # not max_tokens 0
             running = list(self._running)
             try:
-                tokens = await loop.run_in_executor(self._executor, self._step, joining, running)
+                tokens = await loop.run_in_executor(self._executor, self._step, scoring, generating, running)
             except Exception as exc:
                 log.exception("engine step failed")
                 for seq in joining + running:
                     self._fail(seq, exc)
                 self._running, self._batches = [], []
                 continue
-            self._running.extend(joining)
+            self._running.extend(generating)
+            for seq in scoring:
+                seq.ready.set()  # the echo and the prompt's logprobs go out first
+            for seq in joining:
+                if seq not in generating:
+                    self._finish(seq, FinishReason.LENGTH)
             for token in tokens:
                 self._deliver(token)
             # Let consumers and the socket loop run between steps.
@@ -342,16 +370,48 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------------ the step (on the engine thread)
 
-    def _step(self, joining: list[_Sequence], running: list[_Sequence]) -> list[_Token]:
+    def _step(self, scoring: list[_Sequence], joining: list[_Sequence], running: list[_Sequence]) -> list[_Token]:
         with torch.inference_mode():
             tokens: list[_Token] = []
             for batch in list(self._batches):
                 rows = [s for s in running if s.batch is batch]
                 if rows:
                     tokens.extend(self._decode_step(batch, rows))
+            for seq in scoring:
+                seq.prompt_logprobs = self._score_prompt(seq.prompt_ids, seq.prompt_top or 0)
             for group in self._prefill_groups(joining):
                 tokens.extend(self._prefill(group))
             return tokens
+
+    def _score_prompt(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (the first has none).
+
+        A forward of its own, in chunks of SCORE_CHUNK positions over its own cache, so that the
+        full-vocabulary logits held at once stay bounded whatever the prompt's length.
+        """
+        entries = [TokenLogprob(ids[0], self._token_text(ids[0]), None)]
+        cache = None
+        for start in range(0, len(ids) - 1, SCORE_CHUNK):
+            targets = ids[start + 1 : start + 1 + SCORE_CHUNK]
+            chunk = torch.tensor([ids[start : start + len(targets)]], dtype=torch.long, device=self._device)
+            out = self._model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # row i predicts targets[i]
+            chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets)].tolist()
+            best_values, best_ids = torch.topk(logprobs, top, dim=-1) if top else (None, None)
+            for row, (token_id, logprob) in enumerate(zip(targets, chosen, strict=True)):
+                alternatives = (
+                    list(zip(best_ids[row].tolist(), best_values[row].tolist(), strict=True))
+                    if best_ids is not None and best_values is not None
+                    else []
+                )
+                entries.append(
+                    TokenLogprob(
+                        token_id, self._token_text(token_id), logprob,
+                        sampling.top_entries(alternatives, self._token_text),
+                    )
+                )
+        return entries
 
     def _prefill_groups(self, joining: list[_Sequence]) -> list[list[_Sequence]]:
         """Consecutive runs of joining requests to prefill together (rows keep the join order).

@@ -264,25 +264,37 @@ class VllmEngine(Engine):
         resumed = list(request.resume_token_ids)
         check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
         seed = request.seed if request.seed is not None else self.config.seed
+        prompt_top = request.prompt_logprobs if request.echo and not resumed else None
+        arguments = sampling_arguments(request, seed)
+        if prompt_top is not None:
+            arguments.update(prompt_logprobs=prompt_top, max_tokens=max(request.max_tokens, 1))
         try:
-            params = self._sampling_params(output_kind=self._delta, **sampling_arguments(request, seed))
+            params = self._sampling_params(output_kind=self._delta, **arguments)
         except self._refusals as exc:  # vLLM's own range checks
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         self._requests[request_id] = False
         produced = len(resumed)
+        done = EngineOutput(
+            finish_reason=FinishReason.LENGTH, prompt_tokens=len(prompt_ids), completion_tokens=produced
+        )
         try:
-            if request.echo and not resumed:
+            if request.echo and not resumed and prompt_top is None:
                 yield EngineOutput(text=prompt_text)
-            if request.max_tokens == 0:  # vLLM refuses 0; answer as the transformers backend does
-                yield EngineOutput(
-                    finish_reason=FinishReason.LENGTH, prompt_tokens=len(prompt_ids), completion_tokens=produced
-                )
+            if request.max_tokens == 0 and prompt_top is None:  # vLLM refuses 0; nothing to generate or score
+                yield done
                 return
             stream = self._llm.generate(self._engine_input(prompt_ids + resumed), params, request_id)
             # aclosing: when our consumer stops early, vLLM's generator is closed and aborts the request.
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     self._requests[request_id] = True
+                    if prompt_top is not None and output.prompt_logprobs:  # all of them, in the first output
+                        entries = self._prompt_entries(prompt_ids, output, prompt_top)
+                        yield EngineOutput(text=prompt_text, logprobs=entries)
+                        prompt_top = None
+                        if request.max_tokens == 0:  # scored only: the token drawn for max_tokens 1 is dropped
+                            yield done
+                            return
                     completion = output.outputs[0]
                     token_ids = list(completion.token_ids)
                     produced += len(token_ids)
@@ -299,6 +311,11 @@ class VllmEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         finally:
             self._requests.pop(request_id, None)
+
+    def _prompt_entries(self, prompt_ids: list[int], output: Any, top: int) -> list[TokenLogprob]:
+        """vLLM's prompt logprobs (None for the first position, which nothing predicts) as wire entries."""
+        first = TokenLogprob(prompt_ids[0], self._tokenizer.decode([prompt_ids[0]]), None)
+        return [first, *token_logprobs(prompt_ids[1:], output.prompt_logprobs[1:], top)]
 
     def _engine_input(self, token_ids: list[int]) -> Any:
         """Token ids as vLLM takes them: rendered by its renderer where it has one (vLLM >= 0.3x

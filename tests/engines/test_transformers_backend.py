@@ -199,6 +199,41 @@ async def test_echo_and_logprobs(client: MeshClient) -> None:
         assert entry.top[0].token_id == entry.token_id  # greedy: the chosen token is the most likely
 
 
+async def test_a_long_prompt_is_scored_in_chunks_beside_running_requests(client: MeshClient, model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mesh.engines.transformers_backend import SCORE_CHUNK
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'}." for i in range(400))
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) > 2 * SCORE_CHUNK  # three chunks, over one cache
+
+    greedy = [GenerateRequest(model="tiny-a", prompt=p, max_tokens=8, temperature=0) for p in ("Hi", "Paris is")]
+    alone = [await client.complete(r) for r in greedy]
+    scoring = GenerateRequest(model="tiny-a", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                              logprobs=0, prompt_logprobs=0)
+    scored, *beside = await asyncio.gather(
+        _chunks(client, scoring), *(client.complete(r) for r in greedy)
+    )
+    assert [b.token_ids for b in beside] == [a.token_ids for a in alone]  # undisturbed by the scoring forward
+    echo, *rest = scored
+    assert echo.text == tokenizer.decode(ids) and echo.token_ids == [] and echo.logprobs is not None
+    assert [e.token_id for e in echo.logprobs] == ids and echo.logprobs[0].logprob is None
+    assert [t for chunk in rest for t in chunk.token_ids] and rest[-1].usage.completion_tokens == 2  # type: ignore[union-attr]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    chosen = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor([e.logprob for e in echo.logprobs[1:]]), chosen, atol=1e-3)
+
+
+async def _chunks(client: MeshClient, request: GenerateRequest) -> list:  # type: ignore[type-arg]
+    return [chunk async for chunk in client.generate(request)]
+
+
 async def test_a_migrated_request_continues_after_its_resumed_tokens(client: MeshClient) -> None:
     request = GenerateRequest(
         model="tiny-a", prompt="The three primary colors are", max_tokens=10, temperature=0, ignore_eos=True

@@ -307,6 +307,30 @@ def test_stop_string_echo_and_logprobs(vllm_mesh: VllmMesh) -> None:
         assert lp.logprob == lp.top[0].logprob  # greedy picks a most likely token (bf16 may tie)
 
 
+@pytest.mark.vllm
+def test_echo_scores_the_prompt(vllm_mesh: VllmMesh) -> None:
+    from transformers import AutoTokenizer
+
+    from mesh.models import resolve_model
+
+    prompt = "The capital of France is Paris. The capital of France is"
+    request = GenerateRequest(model=MODEL, prompt=prompt, max_tokens=0, echo=True, prompt_logprobs=1)
+    chunks = asyncio.run(_stream(vllm_mesh.url, request))
+    assert chunks[0].text == prompt and chunks[0].logprobs is not None
+    final = chunks[-1]
+    assert final.finish_reason is FinishReason.LENGTH and final.usage is not None
+    assert final.usage.completion_tokens == 0 and [t for chunk in chunks for t in chunk.token_ids] == []
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None).path, local_files_only=True)
+    entries = chunks[0].logprobs
+    assert [e.token_id for e in entries] == tokenizer(prompt)["input_ids"] and final.usage.prompt_tokens == len(entries)
+    assert entries[0].logprob is None
+    for entry in entries[1:]:
+        assert entry.logprob is not None and len(entry.top) == 1 and entry.logprob <= entry.top[0].logprob + 1e-3
+    # The repeated clause is predictable the second time.
+    half = len(entries) // 2
+    assert sum(e.logprob or 0 for e in entries[half + 1 :]) > sum(e.logprob or 0 for e in entries[1 : half + 1])
+
+
 def _fields(request: GenerateRequest) -> dict[str, object]:
     return {name: getattr(request, name) for name in request.__struct_fields__}
 

@@ -156,6 +156,39 @@ def test_completion_echo_and_default_max_tokens(gateway: Gateway) -> None:
     assert echoed.choices[0].text == "say it again" + plain.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(gateway: Gateway) -> None:
+    """The way evaluation harnesses score text: echo, logprobs, max_tokens 0 (synthetic logprobs here;
+    tests/gateways/test_openai_model.py checks the real model's values)."""
+    client = gateway.sdk()
+    prompt = "score these four words"
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens == ["score", " these", " four", " words"]
+    assert lp.text_offset == [0, 5, 11, 16]
+    assert lp.token_logprobs is not None and lp.token_logprobs[0] is None
+    assert all(v is not None and v < 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs is not None and lp.top_logprobs[0] is None
+    assert all(len(top or {}) == 2 for top in lp.top_logprobs[1:])
+
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, seed=5)
+    glp = generated.choices[0].logprobs
+    assert glp is not None and glp.tokens is not None and glp.text_offset is not None
+    assert glp.tokens[:4] == lp.tokens and len(glp.tokens) == 4 + 3
+    assert "".join(glp.tokens) == generated.choices[0].text
+    assert glp.text_offset[4] == len(prompt)  # the completion's offsets go on after the prompt's
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, seed=5,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens or []] == glp.tokens
+    assert [v for s in streamed for v in s.token_logprobs or []] == glp.token_logprobs
+    assert [o for s in streamed for o in s.text_offset or []] == glp.text_offset
+    assert chunks[0].choices[0].text == prompt
+
+
 def test_completion_list_with_n_is_prompt_major(gateway: Gateway) -> None:
     reply = gateway.sdk().completions.create(model=MODEL, prompt=["a b", "c d"], n=2, max_tokens=2, seed=3)
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]

@@ -83,6 +83,7 @@ def test_chat_bad_requests_name_the_parameter(gateway: Gateway, kwargs: dict[str
         ("x", {"extra_body": {"suffix": "tail"}}),
         ("x", {"extra_body": {"best_of": 3}}),
         ("x", {"logprobs": 9}),
+        ("x", {"max_tokens": -1}),  # 0 is allowed here (a scored prompt), not in chat
     ],
 )
 def test_completion_bad_requests(gateway: Gateway, prompt: object, kwargs: dict[str, object]) -> None:

@@ -121,5 +121,40 @@ def test_logprobs(model_gateway: Gateway) -> None:
     text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, echo=True, temperature=0)
     logprobs = text.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens is not None and logprobs.text_offset is not None
-    assert len(logprobs.tokens) == 3 and logprobs.text_offset[0] == len(prompt)
-    assert text.choices[0].text == prompt + "".join(logprobs.tokens)
+    assert text.usage is not None and len(logprobs.tokens) == text.usage.prompt_tokens + 3  # echo: the prompt's too
+    assert text.choices[0].text == "".join(logprobs.tokens)
+    assert logprobs.text_offset[text.usage.prompt_tokens] == len(prompt)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(model_gateway: Gateway) -> None:
+    """An evaluation harness's loglikelihood request: echo, logprobs, max_tokens 0."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mesh.models import resolve_model
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    scored = model_gateway.sdk(api_key=API_KEY).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert "".join(lp.tokens) == prompt and len(lp.tokens) == scored.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+
+    path = resolve_model(None).path
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    chosen = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), chosen, atol=1e-3)
+    best = expected.max(dim=-1).values
+    assert [next(iter(top.values())) for top in lp.top_logprobs[1:]] == pytest.approx(best.tolist(), abs=1e-3)
+    # The repeated sentence is far more predictable the second time: the scores mean something.
+    third = len(lp.tokens) // 3
+    assert sum(lp.token_logprobs[2 * third + 1 :]) > sum(lp.token_logprobs[1 : third + 1])  # type: ignore[arg-type]
