@@ -398,19 +398,14 @@ class TransformersEngine(Engine):
             cache = out.past_key_values
             logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # row i predicts targets[i]
             chosen = logprobs[torch.arange(len(targets)), torch.tensor(targets)].tolist()
-            best_values, best_ids = torch.topk(logprobs, top, dim=-1) if top else (None, None)
-            for row, (token_id, logprob) in enumerate(zip(targets, chosen, strict=True)):
-                alternatives = (
-                    list(zip(best_ids[row].tolist(), best_values[row].tolist(), strict=True))
-                    if best_ids is not None and best_values is not None
-                    else []
-                )
-                entries.append(
-                    TokenLogprob(
-                        token_id, self._token_text(token_id), logprob,
-                        sampling.top_entries(alternatives, self._token_text),
-                    )
-                )
+            alternatives: list[list[tuple[int, float]]] = [[] for _ in targets]
+            if top:
+                values, best = torch.topk(logprobs, top, dim=-1)
+                pairs = zip(best.tolist(), values.tolist(), strict=True)
+                alternatives = [list(zip(row_ids, row_values, strict=True)) for row_ids, row_values in pairs]
+            for token_id, logprob, best_of_row in zip(targets, chosen, alternatives, strict=True):
+                top_entries = sampling.top_entries(best_of_row, self._token_text)
+                entries.append(TokenLogprob(token_id, self._token_text(token_id), logprob, top_entries))
         return entries
 
     def _prefill_groups(self, joining: list[_Sequence]) -> list[list[_Sequence]]:

@@ -296,8 +296,7 @@ def test_stop_string_echo_and_logprobs(vllm_mesh: VllmMesh) -> None:
     assert _text(cut) == greedy[: greedy.index(stop)] and cut[-1].finish_reason is FinishReason.STOP
 
     echoed = asyncio.run(_stream(vllm_mesh.url, GenerateRequest(**{**_fields(base), "echo": True, "logprobs": 2})))
-    assert echoed[0].text == prompt and echoed[0].token_ids == []
-    assert _text(echoed[1:]) == greedy
+    assert _text(echoed) == prompt + greedy  # a slow reader may get the echo and tokens in one chunk
     logprobs = [lp for chunk in echoed for lp in chunk.logprobs or ()]
     token_ids = [t for chunk in echoed for t in chunk.token_ids]
     assert [lp.token_id for lp in logprobs] == token_ids
@@ -316,12 +315,12 @@ def test_echo_scores_the_prompt(vllm_mesh: VllmMesh) -> None:
     prompt = "The capital of France is Paris. The capital of France is"
     request = GenerateRequest(model=MODEL, prompt=prompt, max_tokens=0, echo=True, prompt_logprobs=1)
     chunks = asyncio.run(_stream(vllm_mesh.url, request))
-    assert chunks[0].text == prompt and chunks[0].logprobs is not None
+    assert _text(chunks) == prompt
     final = chunks[-1]
     assert final.finish_reason is FinishReason.LENGTH and final.usage is not None
     assert final.usage.completion_tokens == 0 and [t for chunk in chunks for t in chunk.token_ids] == []
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(None).path, local_files_only=True)
-    entries = chunks[0].logprobs
+    entries = [entry for chunk in chunks for entry in chunk.logprobs or ()]
     assert [e.token_id for e in entries] == tokenizer(prompt)["input_ids"] and final.usage.prompt_tokens == len(entries)
     assert entries[0].logprob is None
     for entry in entries[1:]:

@@ -186,7 +186,7 @@ def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(gateway: Gateway) 
     assert [t for s in streamed for t in s.tokens or []] == glp.tokens
     assert [v for s in streamed for v in s.token_logprobs or []] == glp.token_logprobs
     assert [o for s in streamed for o in s.text_offset or []] == glp.text_offset
-    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].text.startswith(prompt)  # alone, or merged with the first token
 
 
 def test_completion_list_with_n_is_prompt_major(gateway: Gateway) -> None:
