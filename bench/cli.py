@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from bench.report import SuiteResult, skipped, targets_table, write_json
 from mesh.cli_options import add_cpu_latency_option
-from mesh.cpu_latency import CpuLatencyError, request_cpu_latency
+from mesh.cpu_latency import CpuLatencyError, hold_cpu_latency
 
 DEFAULT_OUT = Path("bench-results")
 Runner = Callable[[argparse.Namespace], Awaitable[SuiteResult]]
@@ -203,10 +202,6 @@ async def run_suite(name: str, args: argparse.Namespace) -> SuiteResult:
     return result
 
 
-def _cpu_latency(max_us: int | None) -> contextlib.AbstractContextManager[object]:
-    return request_cpu_latency(max_us) if max_us is not None else contextlib.nullcontext()
-
-
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C, so every process the suite started is stopped.
     raise KeyboardInterrupt
@@ -220,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # System-wide, so the bench process's own request covers every process a suite starts.
-        with _cpu_latency(args.cpu_latency_us), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with hold_cpu_latency(args.cpu_latency_us), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(run_suite(args.suite, args))
     except CpuLatencyError as exc:
         print(f"{args.suite}: {exc}", file=sys.stderr)

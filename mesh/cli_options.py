@@ -93,18 +93,16 @@ def microseconds(value: str) -> int:
 def process_options(args: argparse.Namespace) -> Iterator[None]:
     """Set up before the command starts any thread, held until it returns: logging, the CPU set threads
     inherit, and the CPU latency request."""
-    from mesh.cpu_latency import request_cpu_latency
+    from mesh.cpu_latency import hold_cpu_latency
 
     setup_logging(getattr(args, "log_level", "INFO"))
     cpus = getattr(args, "cpus", None)
     if cpus:
         os.sched_setaffinity(0, cpus)
     latency_us = getattr(args, "cpu_latency_us", None)
-    if latency_us is None:
-        yield
-        return
-    with request_cpu_latency(latency_us):
-        logging.getLogger("mesh").info("idle CPUs held to a wake-up latency of %d us while this runs", latency_us)
+    with hold_cpu_latency(latency_us):
+        if latency_us is not None:
+            logging.getLogger("mesh").info("idle CPUs held to a wake-up latency of %d us while this runs", latency_us)
         yield
 
 

@@ -19,6 +19,7 @@ closes the file or exits, so it can never outlive the process that asked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ def request_cpu_latency(max_us: int, device: Path = PM_QOS_DEVICE) -> CpuLatency
         os.close(fd)
         raise CpuLatencyError(f"cannot request a CPU wake-up latency of {max_us} us: {exc.strerror}") from None
     return CpuLatencyRequest(max_us, device, fd)
+
+
+def hold_cpu_latency(max_us: int | None) -> contextlib.AbstractContextManager[object]:
+    """A `--cpu-latency-us` value as a context: the request while it is open, nothing for None."""
+    return request_cpu_latency(max_us) if max_us is not None else contextlib.nullcontext()
 
 
 def current_cpu_latency(device: Path = PM_QOS_DEVICE) -> int | None:
