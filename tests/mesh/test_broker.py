@@ -44,13 +44,17 @@ async def test_generate_with_one_worker(processes: ProcessGroup, broker_url: str
 
 async def test_a_slow_reader_takes_the_waiting_tokens_as_one_delta(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
-    processes.synthetic_worker(broker_url, "w1")
+    # 40 tokens 10 ms apart: the first delta is taken long before the last token
+    # exists, even on a busy machine (with no delay, a reader that wakes late got
+    # all 40 in its first delta).
+    processes.synthetic_worker(broker_url, "w1", "--itl-ms", "10")
     async with MeshClient(broker_url) as client:
         await wait_for_workers(client, 1)
         whole = await client.complete(request(max_tokens=40, seed=5))
         async with contextlib.aclosing(client.generate(request(max_tokens=40, seed=5))) as stream:
             first = await anext(stream)
-            await asyncio.sleep(0.5)  # the other 39 tokens and DONE arrive meanwhile
+            assert first.finish_reason is None
+            await asyncio.sleep(1.0)  # the other tokens and DONE arrive meanwhile
             rest = await anext(stream)
         assert len(first.token_ids) + len(rest.token_ids) == 40
         assert rest.finish_reason is FinishReason.LENGTH and rest.usage is not None
