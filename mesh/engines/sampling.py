@@ -25,6 +25,8 @@ from mesh.protocol import GenerateRequest, TopLogprob
 GREEDY_TEMPERATURE = 1e-5
 #: The most alternatives a request may ask logprobs for (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
+#: The type of the one uniform draw per sampled token (skip_draws depends on it).
+_DRAW_DTYPE = torch.float32
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +157,21 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     against 3 ms per row on this CPU); a token of probability 0 is never picked,
     since the first CDF entry above the draw always adds some probability.
     """
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    cdf = torch.cumsum(probs.to(_DRAW_DTYPE), dim=-1)
+    u = torch.rand(1, generator=generator, dtype=_DRAW_DTYPE) * cdf[-1]
     return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+
+
+def skip_draws(generator: torch.Generator, sampled_tokens: int) -> None:
+    """Moves `generator` past the draws of `sampled_tokens` tokens, as if it had sampled them.
+
+    A migrated request resumes on another worker after the tokens it already has;
+    skipping their draws makes its continuation the one the lost worker would have
+    sampled. Each sampled token takes exactly one uniform draw (draw()), and the CPU
+    generator fills a tensor of n uniforms with the same n draws, in order.
+    """
+    if sampled_tokens > 0:
+        torch.rand(sampled_tokens, generator=generator, dtype=_DRAW_DTYPE)
 
 
 def token_logprobs(logits: torch.Tensor, token_id: int, top: int) -> tuple[float, list[tuple[int, float]]]:

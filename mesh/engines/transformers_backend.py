@@ -243,9 +243,11 @@ class TransformersEngine(Engine):
             )
         params = sampling.params_from(request)
         generator, _ = sampling.make_generator(request.seed)
+        if not params.greedy:
+            # A migrated request continues after the tokens it already streamed, and its seed's draws
+            # after theirs: a seeded continuation is the one the lost worker would have sampled.
+            sampling.skip_draws(generator, len(resumed))
         ignored = set() if request.ignore_eos else set(self._eos_ids)
-        # A migrated request continues after the tokens it already streamed (its seed's draws start
-        # afresh here, so a sampled continuation is not the one the lost worker would have made).
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,

@@ -261,6 +261,8 @@ class VllmEngine(Engine):
             raise EngineError(ErrorCode.BAD_REQUEST, problem)
         prompt_ids, prompt_text = await self._tokenize(request)
         # A migrated request continues after the tokens another worker produced: they extend the prompt.
+        # vLLM offers no way to move a seeded request's generator past their draws, so a sampled
+        # continuation starts its draws afresh (the transformers backend skips them).
         resumed = list(request.resume_token_ids)
         check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
         seed = request.seed if request.seed is not None else self.config.seed

@@ -42,6 +42,18 @@ def test_same_seed_same_draws_and_other_seed_differs() -> None:
     assert draws(7) != draws(8)
 
 
+@pytest.mark.parametrize("params", [_params(temperature=1.0), _params(temperature=0.8, top_k=5, top_p=0.9)])
+def test_skipping_the_draws_of_sampled_tokens_continues_the_same_sequence(params: sampling.SamplingParams) -> None:
+    rows = [_logits(seed) for seed in range(40)]  # a different distribution at every step
+    generator, _ = sampling.make_generator(21)
+    whole = [sampling.sample(row, params, generator) for row in rows]
+    resumed, _ = sampling.make_generator(21)
+    sampling.skip_draws(resumed, 25)  # a migrated request that had 25 tokens already
+    assert [sampling.sample(row, params, resumed) for row in rows[25:]] == whole[25:]
+    afresh, _ = sampling.make_generator(21)
+    assert [sampling.sample(row, params, afresh) for row in rows[25:]] != whole[25:]
+
+
 def test_missing_seed_gets_a_random_one() -> None:
     _, a = sampling.make_generator(None)
     _, b = sampling.make_generator(None)

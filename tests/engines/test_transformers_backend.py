@@ -249,3 +249,15 @@ async def test_a_migrated_request_continues_after_its_resumed_tokens(client: Mes
     rest = await client.complete(request)
     assert rest.token_ids == full.token_ids[4:]
     assert rest.usage.completion_tokens == 10
+
+
+async def test_a_migrated_seeded_request_samples_what_the_lost_worker_would_have(client: MeshClient) -> None:
+    request = GenerateRequest(
+        model="tiny-b", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=11, ignore_eos=True
+    )
+    full = await client.complete(request)
+    assert len(full.token_ids) == 16
+    request.resume_token_ids = full.token_ids[:6]
+    request.max_tokens = 10
+    rest = await client.complete(request)
+    assert rest.token_ids == full.token_ids[6:], "the seed's draws must continue, not start again"
