@@ -59,8 +59,9 @@ from mesh.security import SecurityConfig
 
 log = logging.getLogger("mesh.client")
 
-#: Frames one request may have waiting unread before it is cancelled as too slow a reader.
-MAX_BUFFERED_FRAMES = 100_000
+#: Bytes of replies one request may have waiting unread before it is cancelled as too slow a
+#: reader. Counted in bytes, not frames: one frame of logprobs can outweigh thousands of tokens.
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 #: Reply kinds that carry a delta and may be merged into the one before them.
 _DELTA_KINDS = frozenset({Kind.TOKENS, Kind.DONE})
 #: Times one request may move to another worker after losing its worker mid-stream.
@@ -114,19 +115,29 @@ class _Stream:
     without suspending, and a waiting reader costs one future.
     """
 
-    __slots__ = ("answered", "items", "submit_frames", "waiter")
+    __slots__ = ("answered", "buffered_bytes", "items", "submit_frames", "waiter")
 
     def __init__(self, submit_frames: list[bytes]) -> None:
         self.items: deque[list[bytes] | MeshError] = deque()
+        self.buffered_bytes = 0
         self.waiter: asyncio.Future[None] | None = None
         self.submit_frames = submit_frames  # kept to re-submit to a restarted broker
         self.answered = False
 
     def put(self, item: list[bytes] | MeshError) -> None:
         self.items.append(item)
+        if not isinstance(item, MeshError):
+            self.buffered_bytes += _size(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def take(self) -> list[bytes] | MeshError:
+        """The oldest waiting item; there must be one."""
+        item = self.items.popleft()
+        if not isinstance(item, MeshError):
+            self.buffered_bytes -= _size(item)
+        return item
 
     async def get(self) -> list[bytes] | MeshError:
         while not self.items:
@@ -135,7 +146,11 @@ class _Stream:
                 await self.waiter
             finally:
                 self.waiter = None
-        return self.items.popleft()
+        return self.take()
+
+
+def _size(frames: list[bytes]) -> int:
+    return sum(map(len, frames))
 
 
 class MeshClient:
@@ -147,12 +162,16 @@ class MeshClient:
         timeout: float | None = None,
         connect_timeout: float = 3.0,
         migrate: bool = True,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         """`timeout`: longest wait for any frame of a request (None: rely on liveness alone).
         `connect_timeout`: longest wait for a broker never heard from before a request fails.
         `migrate`: when a worker dies mid-stream, continue the request on another worker from the
-        tokens already streamed (engines that cannot resume answer worker_lost as before)."""
+        tokens already streamed (engines that cannot resume answer worker_lost as before).
+        `max_buffered_bytes`: replies a request may have waiting unread; past it the request is
+        cancelled on its worker and its reader gets a RequestError."""
         self.migrate = migrate
+        self.max_buffered_bytes = max_buffered_bytes
         self.endpoints = Endpoints.from_url(broker_url)
         self.security = security or SecurityConfig()
         self.timeout = timeout
@@ -278,7 +297,7 @@ class MeshClient:
         try:
             while True:
                 if stream.items:
-                    item = stream.items.popleft()
+                    item = stream.take()
                 elif timeout is None:
                     item = await stream.get()
                 else:
@@ -295,7 +314,7 @@ class MeshClient:
                 try:
                     chunk = self._chunk(item)
                     if stream.items and chunk.finish_reason is None:
-                        chunk = self._merge_waiting(chunk, stream.items)
+                        chunk = self._merge_waiting(chunk, stream)
                 except WorkerLostError as exc:
                     finished = True
                     raise _LostMidStream(exc) from None
@@ -328,7 +347,7 @@ class MeshClient:
         raise AssertionError("a stream ended without a finish reason")
 
     @classmethod
-    def _merge_waiting(cls, chunk: Chunk, items: deque[list[bytes] | MeshError]) -> Chunk:
+    def _merge_waiting(cls, chunk: Chunk, stream: _Stream) -> Chunk:
         """Folds the token frames already waiting behind `chunk` into it (up to and including DONE).
 
         A reader slower than its worker then takes one delta instead of a backlog of tiny ones:
@@ -338,11 +357,11 @@ class MeshClient:
         token_ids = list(chunk.token_ids)
         logprobs = list(chunk.logprobs) if chunk.logprobs else None
         merged = chunk
-        while items:
-            frames = items[0]
+        while stream.items:
+            frames = stream.items[0]
             if isinstance(frames, MeshError) or parse_header(frames[0])[0] not in _DELTA_KINDS:
                 break
-            items.popleft()
+            stream.take()
             merged = cls._chunk(frames)
             texts.append(merged.text)
             token_ids.extend(merged.token_ids)
@@ -401,7 +420,7 @@ class MeshClient:
         stream = self._streams.get(request_id)
         if stream is None:
             return  # a request this client gave up on
-        if len(stream.items) >= MAX_BUFFERED_FRAMES:
+        if stream.buffered_bytes >= self.max_buffered_bytes:
             stream.put(RequestError("the request was cancelled: its reader fell too far behind"))
             self._front.send([pack_header(Kind.CANCEL, request_id)])
             del self._streams[request_id]

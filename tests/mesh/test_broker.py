@@ -18,7 +18,7 @@ import zmq
 
 from mesh.client import MeshClient
 from mesh.endpoints import Endpoints
-from mesh.errors import ModelNotFoundError, OverloadedError, WorkerLostError
+from mesh.errors import ModelNotFoundError, OverloadedError, RequestError, WorkerLostError
 from mesh.protocol import FinishReason, GenerateRequest, Kind, new_request_id, pack_header
 from tests.support import ProcessGroup, wait_for_workers
 
@@ -60,6 +60,30 @@ async def test_a_slow_reader_takes_the_waiting_tokens_as_one_delta(processes: Pr
         assert rest.finish_reason is FinishReason.LENGTH and rest.usage is not None
         assert first.text + rest.text == whole.text
         assert first.token_ids + rest.token_ids == whole.token_ids
+
+
+async def test_a_reader_too_far_behind_is_cancelled_and_frees_its_worker(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    processes.broker(broker_url)
+    # One slot, and a stream that would hold it for 10 s: the next request gets through only if
+    # the slow one is cancelled on the worker, not just abandoned by its reader.
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "1", "--itl-ms", "5")
+    async with MeshClient(broker_url, max_buffered_bytes=4096) as client:
+        await wait_for_workers(client, 1)
+        received = 0
+        async with contextlib.aclosing(client.generate(request(max_tokens=2000, logprobs=5))) as stream:
+            received += len((await anext(stream)).token_ids)
+            await asyncio.sleep(1.0)  # about 200 frames of some 200 bytes each arrive meanwhile
+            with pytest.raises(RequestError, match="fell too far behind"):
+                async with asyncio.timeout(5):
+                    async for chunk in stream:
+                        received += len(chunk.token_ids)
+        assert received < 2000
+        started = time.monotonic()
+        after = await asyncio.wait_for(client.complete(request(max_tokens=10)), 5)
+        assert after.finish_reason is FinishReason.LENGTH
+        assert time.monotonic() - started < 3
 
 
 async def test_generate_with_three_workers_and_aliases(processes: ProcessGroup, broker_url: str) -> None:
