@@ -28,6 +28,9 @@ from pathlib import Path
 PM_QOS_DEVICE = Path("/dev/cpu_dma_latency")
 CPUIDLE = Path("/sys/devices/system/cpu/cpuidle")
 CPU0_IDLE_STATES = Path("/sys/devices/system/cpu/cpu0/cpuidle")
+#: A KVM guest's haltpoll cpuidle driver polls up to this long before halting an idle vCPU
+#: (adaptively; 0: never polls). Writable by root; see the kernel's guest-halt-polling docs.
+GUEST_HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 _VALUE = struct.Struct("=i")  # the kernel reads and writes a native s32 of microseconds
 
 
@@ -89,8 +92,11 @@ def current_cpu_latency(device: Path = PM_QOS_DEVICE) -> int | None:
     return _VALUE.unpack(raw)[0] if len(raw) == _VALUE.size else None
 
 
-def idle_states(cpuidle: Path = CPUIDLE, cpu0: Path = CPU0_IDLE_STATES) -> dict[str, object]:
-    """What decides how fast an idle CPU wakes here: the cpuidle driver and governor, CPU 0's states."""
+def idle_states(
+    cpuidle: Path = CPUIDLE, cpu0: Path = CPU0_IDLE_STATES, halt_poll: Path = GUEST_HALT_POLL_NS
+) -> dict[str, object]:
+    """What decides how fast an idle CPU wakes here: the cpuidle driver and governor, CPU 0's states,
+    and on a KVM guest with the haltpoll driver, how long it polls before halting."""
 
     def read(path: Path) -> str | None:
         try:
@@ -107,4 +113,5 @@ def idle_states(cpuidle: Path = CPUIDLE, cpu0: Path = CPU0_IDLE_STATES) -> dict[
         "governor": read(cpuidle / "current_governor_ro") or read(cpuidle / "current_governor"),
         "states": states,
         "pm_qos_cpu_latency_us": current_cpu_latency(),
+        "guest_halt_poll_ns": int(poll) if (poll := read(halt_poll)) and poll.isdigit() else None,
     }

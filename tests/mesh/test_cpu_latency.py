@@ -77,10 +77,13 @@ def test_idle_states_name_the_driver_governor_and_states(tmp_path: Path) -> None
         state.mkdir(parents=True)
         (state / "name").write_text(name + "\n")
         (state / "latency").write_text(f"{latency}\n")
-    info = idle_states(cpuidle, cpu0)
+    info = idle_states(cpuidle, cpu0, tmp_path / "no-haltpoll")
     assert info["driver"] == "intel_idle" and info["governor"] == "menu"
     assert info["states"] == [
         {"name": "POLL", "exit_latency_us": 0},
         {"name": "C1", "exit_latency_us": 2},
         {"name": "C6", "exit_latency_us": 133},
     ]
+    assert info["guest_halt_poll_ns"] is None  # not a KVM guest with the haltpoll driver
+    (tmp_path / "guest_halt_poll_ns").write_text("200000\n")
+    assert idle_states(cpuidle, cpu0, tmp_path / "guest_halt_poll_ns")["guest_halt_poll_ns"] == 200000
