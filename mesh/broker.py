@@ -123,6 +123,8 @@ class Broker:
         self._warm_until = time.monotonic() + 1.2 * config.heartbeat_interval
         self._stop = threading.Event()
         self._next_beacon = 0.0
+        self._client_revocations = 0
+        self._bus_out_unbound = False
         self._sockets_open = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,6 +140,7 @@ class Broker:
         self.bus_out = transport.bind(ctx, zmq.XPUB, self.endpoints.bus_out, security, "clients")
         # Every subscription reaches us, so each new subscriber gets a snapshot.
         self.bus_out.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._bus_out_bound = self.bus_out.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bus_in.send(b"\x01")  # subscribe to every announcement
         if self._gatekeeper is not None:
             roles = {self.front: "clients", self.back: "workers", self.bus_in: "workers", self.bus_out: "clients"}
@@ -545,3 +548,28 @@ class Broker:
         if now >= self._next_beacon:
             self._next_beacon = now + self.config.heartbeat_interval
             self._publish(self._beacon_frames())
+        if self._gatekeeper is not None:
+            self._shut_out_revoked_listeners()
+
+    def _shut_out_revoked_listeners(self) -> None:
+        """After a key leaves allow/clients, drops every bus subscriber so that each passes ZAP again.
+
+        ZAP checks a peer once, at its handshake, and a subscriber never sends anything else the
+        broker could refuse. Re-binding the bus endpoint closes every connection made to it; each
+        subscriber reconnects (within its reconnect interval) and re-subscribes, and gets a fresh
+        snapshot; a revoked one is refused at the handshake.
+        """
+        assert self._gatekeeper is not None
+        revocations = self._gatekeeper.revocations("clients")
+        if revocations != self._client_revocations:
+            self._client_revocations = revocations
+            self.bus_out.unbind(self._bus_out_bound)
+            self._bus_out_unbound = True
+            log.info("a client key was revoked: every bus subscriber reconnects and passes the allow-list again")
+        if self._bus_out_unbound:
+            try:
+                self.bus_out.bind(self._bus_out_bound)
+            except zmq.ZMQError as exc:  # the old listener still closing: try again next tick
+                log.debug("bus endpoint not free again yet: %s", exc)
+                return
+            self._bus_out_unbound = False

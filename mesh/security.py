@@ -186,6 +186,8 @@ class _AllowList:
         self._lock = threading.Lock()
         self._refused: dict[bytes, tuple[float, int]] = {}  # key -> (last logged, refusals since)
         self.refusals = 0
+        #: Times a reload found keys taken off the list.
+        self.revocations = 0
         self._checked_at = float("-inf")
         self.refresh()
 
@@ -199,18 +201,24 @@ class _AllowList:
             keys = read_allow_list(self.folder)
             if not first and keys != self._keys:
                 log.info("allow-list %s reloaded: %d key(s)", self.role, len(keys))
+                if self._keys - keys:
+                    self.revocations += 1
             self._keys = keys
 
     @property
     def size(self) -> int:
         return len(self._keys)
 
-    def admits(self, key: bytes) -> bool:
-        """Whether `key` (z85) is on the list now; the folder is re-read at most every ADMIT_REFRESH_S."""
+    def refresh_if_due(self) -> None:
+        """refresh(), at most every ADMIT_REFRESH_S."""
         now = time.monotonic()
         if now - self._checked_at >= ADMIT_REFRESH_S:
             self._checked_at = now
             self.refresh()
+
+    def admits(self, key: bytes) -> bool:
+        """Whether `key` (z85) is on the list now."""
+        self.refresh_if_due()
         return key in self._keys
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -331,6 +339,13 @@ class Gatekeeper:
     @property
     def refusals(self) -> int:
         return sum(a.refusals for a in self.allow_lists.values()) + self._handshakes.failures
+
+    def revocations(self, role: Role) -> int:
+        """How many times keys have been taken off `role`'s list (re-read if due): a change means a
+        peer that passed ZAP at its handshake may no longer be allowed."""
+        allow_list = self.allow_lists[role]
+        allow_list.refresh_if_due()
+        return allow_list.revocations
 
     def admits(self, role: Role, user_id: str | None) -> bool:
         """Whether a message's sender (its ZAP User-Id, a z85 key) is still on `role`'s list: a key

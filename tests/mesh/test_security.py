@@ -123,6 +123,14 @@ def test_revoking_a_key_stops_peers_that_are_already_connected(
             assert [w.worker_id for w in kept.workers()] == ["w1"]
             results = await asyncio.gather(*(kept.complete(request) for _ in range(8)))
             assert {r.worker_id for r in results} == {"w1"}
+            # The revoked client no longer hears the bus either (its beacons stop, so the broker
+            # looks gone to it); the kept one, reconnected, still does.
+            for _ in range(100):
+                if not revoked.broker_alive:
+                    break
+                await asyncio.sleep(0.1)
+            assert not revoked.broker_alive and kept.broker_alive
+            assert [w.worker_id for w in kept.workers()] == ["w1"]
 
     asyncio.run(scenario())
     assert "no longer on allow/clients" in broker.output() and "no longer on allow/workers" in broker.output()
