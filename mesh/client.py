@@ -29,6 +29,7 @@ from mesh import transport
 from mesh.discovery import MeshView, expiry_after
 from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
 from mesh.errors import (
+    BadRequestError,
     BrokerUnavailableError,
     MeshError,
     MeshTimeoutError,
@@ -37,6 +38,7 @@ from mesh.errors import (
     error_for_code,
 )
 from mesh.protocol import (
+    MAX_MESSAGE_BYTES,
     Announcement,
     BrokerInfo,
     Done,
@@ -290,7 +292,14 @@ class MeshClient:
         await self._ensure_broker()
         timeout = timeout if timeout is not None else self.timeout
         request_id = new_request_id()
-        submit_frames = [pack_header(Kind.SUBMIT, request_id), request.model.encode(), encode(request)]
+        body = encode(request)
+        if len(body) > MAX_MESSAGE_BYTES:
+            # The broker would drop this connection for it, and every other request on it with it.
+            raise BadRequestError(
+                f"the request is {len(body):,} bytes encoded, more than the mesh's message limit of "
+                f"{MAX_MESSAGE_BYTES:,}: send a shorter prompt"
+            )
+        submit_frames = [pack_header(Kind.SUBMIT, request_id), request.model.encode(), body]
         stream = self._streams[request_id] = _Stream(submit_frames)
         self._front.send(submit_frames)
         finished = False

@@ -31,6 +31,7 @@ from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
 from mesh.engines import Engine, EngineConfig, EngineError, EngineOutput
 from mesh.heap import freeze_startup_objects
 from mesh.protocol import (
+    MAX_MESSAGE_BYTES,
     REQUEST_ID_SIZE,
     Announcement,
     Done,
@@ -86,6 +87,18 @@ class _SpeedMeter:
         if span >= 0.5:
             self._last_rate = self._tokens / span
         return self._last_rate
+
+
+def _within_limit(body: bytes) -> bytes:
+    """`body`, if the broker will take it: a larger frame would make it drop this worker's
+    connection, and every other request's frames in flight on it."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise EngineError(
+            ErrorCode.BAD_REQUEST,
+            f"the reply is {len(body):,} bytes, more than the mesh's message limit of {MAX_MESSAGE_BYTES:,}: "
+            "ask for fewer logprobs or a shorter echo",
+        )
+    return body
 
 
 class Worker:
@@ -206,13 +219,16 @@ class Worker:
         send = self._back.send
         tokens_header = pack_header(Kind.TOKENS, request_id)
         try:
-            async for output in self.engine.generate(request, request_id.hex()):
-                if output.finish_reason is not None:
-                    send([pack_header(Kind.DONE, request_id), encode(self._done(output))])
-                    break
-                if output.text or output.token_ids:
-                    send([tokens_header, encode(TokenChunk(output.text, output.token_ids, output.logprobs))])
-                    self._speed.add(len(output.token_ids), time.monotonic())
+            # Closed on every way out, so a reply refused here frees the request's slot at once.
+            async with contextlib.aclosing(self.engine.generate(request, request_id.hex())) as outputs:
+                async for output in outputs:
+                    if output.finish_reason is not None:
+                        send([pack_header(Kind.DONE, request_id), _within_limit(encode(self._done(output)))])
+                        break
+                    if output.text or output.token_ids:
+                        body = _within_limit(encode(TokenChunk(output.text, output.token_ids, output.logprobs)))
+                        send([tokens_header, body])
+                        self._speed.add(len(output.token_ids), time.monotonic())
         except asyncio.CancelledError:
             await self.engine.abort(request_id.hex())
             raise

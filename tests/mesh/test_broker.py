@@ -18,13 +18,15 @@ import zmq
 
 from mesh.client import MeshClient
 from mesh.endpoints import Endpoints
-from mesh.errors import ModelNotFoundError, OverloadedError, RequestError, WorkerLostError
-from mesh.protocol import FinishReason, GenerateRequest, Kind, new_request_id, pack_header
+from mesh.errors import BadRequestError, ModelNotFoundError, OverloadedError, RequestError, WorkerLostError
+from mesh.protocol import MAX_MESSAGE_BYTES, FinishReason, GenerateRequest, Kind, new_request_id, pack_header
 from tests.support import ProcessGroup, wait_for_workers
 
 
-def request(model: str = "synthetic", max_tokens: int = 4, **fields: object) -> GenerateRequest:
-    return GenerateRequest(model=model, prompt="hello mesh", max_tokens=max_tokens, **fields)  # type: ignore[arg-type]
+def request(
+    model: str = "synthetic", max_tokens: int = 4, prompt: str = "hello mesh", **fields: object
+) -> GenerateRequest:
+    return GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens, **fields)  # type: ignore[arg-type]
 
 
 async def test_generate_with_one_worker(processes: ProcessGroup, broker_url: str) -> None:
@@ -84,6 +86,28 @@ async def test_a_reader_too_far_behind_is_cancelled_and_frees_its_worker(
         after = await asyncio.wait_for(client.complete(request(max_tokens=10)), 5)
         assert after.finish_reason is FinishReason.LENGTH
         assert time.monotonic() - started < 3
+
+
+async def test_messages_over_the_size_limit_fail_their_own_request_only(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--itl-ms", "20")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        bystander = asyncio.create_task(client.complete(request(max_tokens=50, seed=9)))
+        # A request the broker could not take: refused here, before it costs the connection.
+        with pytest.raises(BadRequestError, match="message limit"):
+            await client.complete(request(prompt="x" * (MAX_MESSAGE_BYTES + 1)))
+        # A reply the broker could not take: 1,100 words of 8,000 characters fit in a request, but
+        # their echo with logprobs (the text, then every word again) does not fit in one reply.
+        words = " ".join(f"{n:04d}" + "y" * 7996 for n in range(1100))
+        with pytest.raises(BadRequestError, match="message limit"):
+            await client.complete(request(prompt=words, echo=True, prompt_logprobs=0, max_tokens=1))
+        done = await asyncio.wait_for(bystander, 10)
+        assert len(done.token_ids) == done.usage.completion_tokens == 50 and done.worker_id == "w1"
+        after = await client.complete(request(echo=True, prompt_logprobs=1))
+        assert after.text.startswith("hello mesh") and after.worker_id == "w1"
 
 
 async def test_generate_with_three_workers_and_aliases(processes: ProcessGroup, broker_url: str) -> None:
