@@ -23,6 +23,8 @@ class EngineConfig:
     seed: int | None = None
     #: transformers: run each request's forward pass alone (bitwise reproducible, slower).
     deterministic: bool = False
+    #: transformers on CPU: torch intra-op threads.
+    cpu_threads: int = 1
     #: Where converted models are cached (None: $LLM_MESH_CACHE or $XDG_CACHE_HOME/llm-mesh/models).
     cache_dir: str | None = None
     # synthetic

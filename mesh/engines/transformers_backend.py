@@ -46,8 +46,6 @@ from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
 
 log = logging.getLogger("mesh.engines.transformers")
 
-#: torch intra-op threads for a CPU worker (see _load).
-CPU_THREADS = 1
 #: Padded tokens (rows x longest prompt) one prefill forward may hold; more joiners are split.
 MAX_PREFILL_TOKENS = 4096
 #: Prompt positions scored per forward for prompt logprobs: bounds the logits held at once
@@ -138,17 +136,21 @@ class TransformersEngine(Engine):
             raise SystemExit(f"mesh worker: {exc}") from None
         device = torch.device(self.config.device)
         if device.type == "cpu":
-            # One intra-op thread: the worker shares its cores with the broker, gateways and other
-            # workers, and torch's spinning thread pool degrades badly when oversubscribed (measured
-            # on 2 busy cores: a 16-row decode step took 0.54 s on 1 thread and 5.6 s on 2).
-            torch.set_num_threads(CPU_THREADS)
+            # One intra-op thread unless told otherwise: the worker shares its cores with the broker,
+            # gateways and other workers, and torch's spinning thread pool degrades badly when
+            # oversubscribed (measured on 2 busy cores: a 16-row decode step took 0.54 s on 1 thread
+            # and 5.6 s on 2).
+            torch.set_num_threads(self.config.cpu_threads)
         dtype = _DTYPES.get(self.config.dtype, "auto")
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
         self._model = model.to(device).eval()
         self._device = device
-        log.info("loaded %s in %.1f s (%s on %s)", resolved.path, time.monotonic() - started, model.dtype, device)
+        threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        log.info(
+            "loaded %s in %.1f s (%s on %s%s)", resolved.path, time.monotonic() - started, model.dtype, device, threads
+        )
         self._names = list(self.config.model_names or resolved.default_names)
         model_config = model.config
         self._context_length = int(getattr(model_config, "max_position_embeddings", 0) or 0)

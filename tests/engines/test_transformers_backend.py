@@ -261,3 +261,22 @@ async def test_a_migrated_seeded_request_samples_what_the_lost_worker_would_have
     request.max_tokens = 10
     rest = await client.complete(request)
     assert rest.token_ids == full.token_ids[6:], "the seed's draws must continue, not start again"
+
+
+def test_cpu_threads_sets_the_workers_torch_threads(model_dir: Path, processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    worker = processes.mesh(
+        "worker", "worker", "--broker", broker_url, "--cache-dir", str(CACHE), "--worker-id", "two-threads",
+        "--cpu-threads", "2",
+    )
+
+    async def scenario() -> None:
+        async with MeshClient(broker_url, timeout=120) as client:
+            await wait_for_workers(client, 1, timeout=150)
+            done = await client.complete(
+                GenerateRequest(model=DEFAULT_MODEL_NAME, prompt="The sky is", max_tokens=4, temperature=0)
+            )
+            assert done.usage.completion_tokens == 4 and done.worker_id == "two-threads"
+
+    asyncio.run(scenario())
+    assert "float32 on cpu, 2 thread(s)" in worker.output()
