@@ -124,6 +124,7 @@ class Broker:
         self._stop = threading.Event()
         self._next_beacon = 0.0
         self._client_revocations = 0
+        self._bus_out_bound = ""  # the bus endpoint as bound (set by bind())
         self._bus_out_unbound = False
         self._sockets_open = False
 
