@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from mesh.cpu_latency import MAX_CPU_LATENCY_US, hold_cpu_latency
 from mesh.endpoints import DEFAULT_BROKER_URL
 from mesh.security import SecurityConfig
 
@@ -84,7 +85,7 @@ def microseconds(value: str) -> int:
         us = int(value)
     except ValueError:
         us = -1
-    if not 0 <= us < 2**31:
+    if not 0 <= us <= MAX_CPU_LATENCY_US:
         raise argparse.ArgumentTypeError(f"expected a whole number of microseconds >= 0, got {value!r}")
     return us
 
@@ -93,8 +94,6 @@ def microseconds(value: str) -> int:
 def process_options(args: argparse.Namespace) -> Iterator[None]:
     """Set up before the command starts any thread, held until it returns: logging, the CPU set threads
     inherit, and the CPU latency request."""
-    from mesh.cpu_latency import hold_cpu_latency
-
     setup_logging(getattr(args, "log_level", "INFO"))
     cpus = getattr(args, "cpus", None)
     if cpus:

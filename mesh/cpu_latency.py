@@ -32,6 +32,8 @@ CPU0_IDLE_STATES = Path("/sys/devices/system/cpu/cpu0/cpuidle")
 #: (adaptively; 0: never polls). Writable by root; see the kernel's guest-halt-polling docs.
 GUEST_HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 _VALUE = struct.Struct("=i")  # the kernel reads and writes a native s32 of microseconds
+#: The largest request the kernel's s32 holds.
+MAX_CPU_LATENCY_US = 2**31 - 1
 
 
 class CpuLatencyError(OSError):
@@ -60,8 +62,8 @@ class CpuLatencyRequest:
 
 def request_cpu_latency(max_us: int, device: Path = PM_QOS_DEVICE) -> CpuLatencyRequest:
     """Caps the wake-up latency of idle CPUs at `max_us` microseconds while the returned request is open."""
-    if not 0 <= max_us < 2**31:
-        raise CpuLatencyError(f"CPU latency must be between 0 and {2**31 - 1} us, got {max_us}")
+    if not 0 <= max_us <= MAX_CPU_LATENCY_US:
+        raise CpuLatencyError(f"CPU latency must be between 0 and {MAX_CPU_LATENCY_US} us, got {max_us}")
     try:
         fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as exc:
