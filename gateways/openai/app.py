@@ -196,7 +196,8 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
     keys = request.app[STATE].config.api_keys
     if keys and request.path not in _UNAUTHENTICATED_PATHS:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip().encode()
+        # aiohttp keeps header bytes that are not UTF-8 as surrogates: compare them as the bytes they were.
+        token = token.strip().encode("utf-8", "surrogateescape")
         # compare_digest against every key: the time taken does not tell which one was close.
         matched = [hmac.compare_digest(token, key.encode()) for key in keys]
         if scheme.lower() != "bearer" or not any(matched):
@@ -265,7 +266,10 @@ def _model_not_found(name: str) -> ApiError:
 async def _read_body(request: web.Request, model: type[_Body]) -> _Body:
     if request.content_type not in _JSON_TYPES:
         raise bad_request(f"Content-Type must be application/json, not {request.content_type}")
-    body = await request.read()  # 413 past client_max_size
+    try:
+        body = await request.read()  # 413 past client_max_size
+    except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode
+        raise bad_request(f"the request body could not be read: {exc}") from None
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -352,13 +356,16 @@ class _CompletionEvents:
 
     def chunk(self, index: int, chunk: Chunk) -> bytes | None:
         finish = str(chunk.finish_reason) if chunk.finish_reason is not None else None
-        if finish is None and not chunk.text:
-            return None
         if self.logprobs is None:
-            return self.encoder.text(index, chunk.text, finish)
+            return self.encoder.text(index, chunk.text, finish) if finish is not None or chunk.text else None
+        # A chunk with no text can still carry tokens (text held back by a possible stop string or a
+        # split character): their entries go out now, as the non-streamed response lists them.
         items = chunk.logprobs or []
+        if finish is None and not chunk.text and not items:
+            return None
         logprobs = responses.completion_logprobs(items, self.offsets[index], bool(self.logprobs))
-        self.offsets[index] += len(chunk.text)
+        # Offsets follow the tokens, as in the non-streamed response, whatever text this chunk releases.
+        self.offsets[index] += sum(len(item.token) for item in items)
         return self.encoder.text(index, chunk.text, finish, orjson.dumps(logprobs.model_dump()))
 
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import ssl
 
-from gateways.openai.config import GatewayConfig
+from gateways.openai.config import DEFAULT_ALLOWED_HEADERS, DEFAULT_ALLOWED_METHODS, GatewayConfig
 from mesh.cli_options import add_mesh_options, comma_list, run_service, security_from_args
 from mesh.endpoints import is_loopback_host
 from mesh.heap import freeze_startup_objects
@@ -51,16 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--allowed-methods",
         type=comma_list,
-        default=("GET", "POST", "OPTIONS"),
+        default=DEFAULT_ALLOWED_METHODS,
         metavar="M1,M2",
-        help="CORS: allowed methods (default: GET,POST,OPTIONS)",
+        help=f"CORS: allowed methods (default: {','.join(DEFAULT_ALLOWED_METHODS)})",
     )
     p.add_argument(
         "--allowed-headers",
         type=comma_list,
-        default=("Authorization", "Content-Type", "X-Request-Id"),
+        default=DEFAULT_ALLOWED_HEADERS,
         metavar="H1,H2",
-        help="CORS: allowed request headers, '*' for any (default: Authorization,Content-Type,X-Request-Id)",
+        help="CORS: allowed request headers, '*' for any (default: *, since the OpenAI SDKs send headers of their own)",
     )
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
     p.add_argument("--ssl-keyfile", metavar="PATH", help="serve HTTPS with this private key (with --ssl-certfile)")
@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1024,
         metavar="N",
-        help="max_tokens of a chat request that sets none (at most half the context; default: 1024)",
+        help="max_tokens of a chat request that sets none, lowered to what its prompt leaves of the context "
+        "(default: 1024)",
     )
     p.set_defaults(run=_run)
 

@@ -8,8 +8,12 @@ from mesh.endpoints import DEFAULT_BROKER_URL
 from mesh.security import SecurityConfig
 
 DEFAULT_MAX_BODY_SIZE = 8 * 1024 * 1024
-#: Chat requests that set no max_tokens get this many at most (and at most half the context).
+#: Chat requests that set no max_tokens get this many at most (and at most what the prompt leaves of the context).
 DEFAULT_CHAT_MAX_TOKENS = 1024
+#: CORS, once --allowed-origins turns it on. Any request header by default: the OpenAI SDKs send their
+#: own (openai-node: X-Stainless-*), and a preflight that refuses one blocks the call in the browser.
+DEFAULT_ALLOWED_METHODS = ("GET", "POST", "OPTIONS")
+DEFAULT_ALLOWED_HEADERS = ("*",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +25,8 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     #: CORS: origins allowed to call from a browser ("*" for any); empty: no CORS headers at all.
     allowed_origins: tuple[str, ...] = ()
-    allowed_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
-    allowed_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Request-Id")
+    allowed_methods: tuple[str, ...] = DEFAULT_ALLOWED_METHODS
+    allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
     allow_credentials: bool = False
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None

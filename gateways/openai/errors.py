@@ -73,17 +73,23 @@ def from_mesh_error(exc: mesh_errors.MeshError) -> ApiError:
     return ApiError(503, exc.message, "service_unavailable", code=exc.code)
 
 
+#: Type names pydantic adds to a path for union members (`prompt.str`, `prompt.list[str].0`).
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+
+
+def _is_union_tag(part: str | int) -> bool:
+    """Whether a path part names a union member's type rather than a field (field names are snake_case)."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or "-" in part or part[:1].isupper())
+
+
 def from_validation_error(exc: ValidationError) -> ApiError:
     """The first problem pydantic found, named by its field path (as OpenAI's `param`)."""
     first = exc.errors(include_url=False)[0]
     if first["type"] == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first['msg']}")
-    location = [str(part) for part in first["loc"]]
-    # Union members add their type name to the path (`prompt.str`): drop those for the user.
-    location = [part for part in location if not part.startswith(("list[", "str", "int", "function-"))]
-    param = ".".join(location) or None
-    if first["type"] == "model_type":
+    if first["type"] == "model_type" and not first["loc"]:
         return bad_request("the request body must be a JSON object")
+    param = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part)) or None
     if first["type"] == "missing":
         return bad_request(f"missing required field: {param}", param)
     count = exc.error_count()

@@ -63,6 +63,10 @@ def test_unknown_model_is_not_found(gateway: Gateway) -> None:
         ({"extra_body": {"messages": [{"role": "user"}, {"role": "robot", "content": "x"}]}}, "messages.1.role"),
         ({"extra_body": {"messages": []}}, "messages"),
         ({"extra_body": {"stop": 5}}, "stop"),
+        ({"extra_body": {"stream": "yes"}}, "stream"),
+        ({"extra_body": {"stream": True, "stream_options": {"include_usage": "yes"}}}, "stream_options.include_usage"),
+        ({"extra_body": {"stream": True, "stream_options": "x"}}, "stream_options"),
+        ({"extra_body": {"messages": ["hi"]}}, "messages.0"),
     ],
 )
 def test_chat_bad_requests_name_the_parameter(gateway: Gateway, kwargs: dict[str, object], param: str) -> None:
@@ -101,6 +105,9 @@ def test_completion_bad_requests(gateway: Gateway, prompt: object, kwargs: dict[
         (b'["model", "synthetic"]', {"Content-Type": "application/json"}),
         (b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}),
         (b"", {"Content-Type": "application/json"}),
+        # A Content-Encoding the body does not have, or one the gateway does not decode.
+        (b'{"model": "synthetic", "prompt": "x"}', {"Content-Type": "application/json", "Content-Encoding": "gzip"}),
+        (b'{"model": "synthetic", "prompt": "x"}', {"Content-Type": "application/json", "Content-Encoding": "br"}),
     ],
 )
 def test_wrong_content_type_or_not_json_is_400(gateway: Gateway, content: bytes, headers: dict[str, str]) -> None:

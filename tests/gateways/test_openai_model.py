@@ -126,6 +126,30 @@ def test_logprobs(model_gateway: Gateway) -> None:
     assert logprobs.text_offset[text.usage.prompt_tokens] == len(prompt)
 
 
+def test_streamed_completion_logprobs_match_the_plain_ones(model_gateway: Gateway) -> None:
+    """Text held back by a possible stop string arrives later, but its tokens' entries do not wait for it."""
+    client = model_gateway.sdk(api_key=API_KEY)
+    request = {
+        "model": MODEL,
+        "prompt": "The capital of France is Paris. The capital of Germany is",
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": 1,
+        "stop": ["capital of Spain"],  # the greedy text says "capital of" again: it is held back a while
+    }
+    plain = client.completions.create(**request).choices[0]  # type: ignore[call-overload]
+    assert plain.logprobs is not None and "capital of" in plain.text
+    text, tokens, offsets = "", [], []
+    for chunk in client.completions.create(stream=True, **request):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens or []
+                offsets += choice.logprobs.text_offset or []
+    assert text == plain.text
+    assert tokens == plain.logprobs.tokens and offsets == plain.logprobs.text_offset
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(model_gateway: Gateway) -> None:
     """An evaluation harness's loglikelihood request: echo, logprobs, max_tokens 0."""
     import torch

@@ -97,6 +97,9 @@ def test_tls_and_api_keys(secure: Gateway, certificate: tuple[Path, Path]) -> No
     assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         _sdk(secure, cert, "wrong-key").models.list()
+    # A key that is not UTF-8 is a wrong key too, not a fault of the gateway.
+    garbled = httpx.get(f"{secure.v1}/models", verify=str(cert), headers={"Authorization": b"Bearer \xff\xfe"})
+    assert garbled.status_code == 401
     for path in ("/metrics", "/openapi.json", "/v1/models"):
         assert httpx.get(secure.url + path, verify=str(cert)).status_code == 401
     # /health needs no key; plain HTTP to the TLS port does not get through.
@@ -122,14 +125,16 @@ def test_cors(secure: Gateway, certificate: tuple[Path, Path]) -> None:
         headers={
             "Origin": ORIGIN,
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type",
+            # The headers the OpenAI SDKs send from a browser, their own included.
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os",
         },
     )
     assert preflight.status_code == 204  # no key needed for a preflight
     assert preflight.headers["access-control-allow-origin"] == ORIGIN
     assert preflight.headers["access-control-allow-credentials"] == "true"
     assert "POST" in preflight.headers["access-control-allow-methods"]
-    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    allowed_headers = preflight.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed_headers and "x-stainless-os" in allowed_headers
     actual = httpx.get(
         f"{secure.v1}/models", verify=str(cert), headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEYS[1]}"}
     )
