@@ -122,6 +122,9 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     messages: list[ChatMessage] | None = None
     prompt_token_ids: list[int] | None = None
     max_tokens: int = 16
+    #: max_tokens is a default the user did not choose: an engine lowers it to the room the prompt
+    #: leaves in the context rather than refusing the request (OpenAI's unset max_tokens).
+    fit_to_context: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off

@@ -61,21 +61,27 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return value - 2**64 if value > INT64_MAX else value
 
 
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    max_tokens: int
+    #: A default, not the user's: the engine lowers it to what the prompt leaves of the context.
+    fit_to_context: bool = False
+
+
 def resolve_max_tokens(
     max_tokens: int | None,
     max_completion_tokens: int | None,
     default: int,
     limits: ModelLimits,
     known_prompt_tokens: int = 0,
-) -> int:
+) -> TokenBudget:
     if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
         raise bad_request("max_tokens and max_completion_tokens disagree; send only one", "max_tokens")
     explicit = max_completion_tokens if max_completion_tokens is not None else max_tokens
     context = limits.context_length
     if explicit is None:
-        # Unknown prompt length (text): leave room for it by taking at most half the context.
-        room = context - known_prompt_tokens if known_prompt_tokens else context // 2
-        return max(1, min(default, room)) if context else default
+        # Only the worker knows a text prompt's length: it fits the default to the room left.
+        return TokenBudget(min(default, context) if context else default, fit_to_context=True)
     param = "max_completion_tokens" if max_completion_tokens is not None else "max_tokens"
     if context and known_prompt_tokens + explicit > context:
         what = f"the prompt ({known_prompt_tokens} tokens) plus {param}" if known_prompt_tokens else param
@@ -85,7 +91,7 @@ def resolve_max_tokens(
             param=param,
             code="context_length_exceeded",
         )
-    return explicit
+    return TokenBudget(explicit)
 
 
 def _sampling(request: ChatCompletionRequest | CompletionRequest) -> dict[str, object]:
@@ -118,7 +124,7 @@ def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_ma
     check_common(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    max_tokens = resolve_max_tokens(request.max_tokens, request.max_completion_tokens, default_max_tokens, limits)
+    budget = resolve_max_tokens(request.max_tokens, request.max_completion_tokens, default_max_tokens, limits)
     messages = [
         ChatMessage("system" if m.role == "developer" else m.role, _message_text(m), m.name) for m in request.messages
     ]
@@ -130,7 +136,8 @@ def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_ma
             0,
             GenerateRequest(
                 messages=messages,
-                max_tokens=max_tokens,
+                max_tokens=budget.max_tokens,
+                fit_to_context=budget.fit_to_context,
                 seed=choice_seed(request.seed, i),
                 logprobs=logprobs,
                 **sampling,  # type: ignore[arg-type]
@@ -158,14 +165,15 @@ def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[
     choices: list[Choice] = []
     for group, prompt in enumerate(prompts):
         known = len(prompt) if isinstance(prompt, list) else 0
-        max_tokens = resolve_max_tokens(request.max_tokens, None, COMPLETION_DEFAULT_MAX_TOKENS, limits, known)
+        budget = resolve_max_tokens(request.max_tokens, None, COMPLETION_DEFAULT_MAX_TOKENS, limits, known)
         text, ids = (None, prompt) if isinstance(prompt, list) else (prompt, None)
         for j in range(request.n):
             index = group * request.n + j
             generate = GenerateRequest(
                 prompt=text,
                 prompt_token_ids=ids,
-                max_tokens=max_tokens,
+                max_tokens=budget.max_tokens,
+                fit_to_context=budget.fit_to_context,
                 seed=choice_seed(request.seed, j),
                 logprobs=request.logprobs,
                 echo=request.echo,

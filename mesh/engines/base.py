@@ -6,6 +6,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
 
 
@@ -64,6 +66,17 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def fit_to_context(request: GenerateRequest, prompt_tokens: int, context_length: int) -> GenerateRequest:
+    """The request with a default max_tokens (`fit_to_context`) lowered to what the prompt (and any
+    resumed tokens) leave of the context, at least 1; anything else unchanged, for the engine to check."""
+    if not request.fit_to_context or not context_length:
+        return request
+    room = context_length - prompt_tokens - len(request.resume_token_ids)
+    if request.max_tokens <= room:
+        return request
+    return msgspec.structs.replace(request, max_tokens=max(room, 1))
 
 
 class Engine(abc.ABC):

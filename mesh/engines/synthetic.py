@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
 SYNTHETIC_CONTEXT_LENGTH = 4096
@@ -74,6 +74,7 @@ class SyntheticEngine(Engine):
     async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
         prompt = _prompt_text(request)
         prompt_tokens = len(request.prompt_token_ids or prompt.split()) or 1
+        request = fit_to_context(request, prompt_tokens, SYNTHETIC_CONTEXT_LENGTH)
         resumed = len(request.resume_token_ids)
         if prompt_tokens + resumed + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
             raise EngineError(

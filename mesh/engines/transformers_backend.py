@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mesh.engines import sampling
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.detokenize import IncrementalDetokenizer
 from mesh.engines.stop import StopMatcher
@@ -235,6 +235,7 @@ class TransformersEngine(Engine):
         resumed = list(request.resume_token_ids)
         if any(not 0 <= i < self._vocab_size for i in resumed):
             raise EngineError(ErrorCode.BAD_REQUEST, "resume_token_ids outside the vocabulary")
+        request = fit_to_context(request, len(prompt_ids), self._context_length)
         total = len(prompt_ids) + len(resumed) + request.max_tokens
         if self._context_length and total > self._context_length:
             already = f" plus {len(resumed)} resumed tokens" if resumed else ""

@@ -22,7 +22,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats
+from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.engines.sampling import validate
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
@@ -264,6 +264,7 @@ class VllmEngine(Engine):
         # vLLM offers no way to move a seeded request's generator past their draws, so a sampled
         # continuation starts its draws afresh (the transformers backend skips them).
         resumed = list(request.resume_token_ids)
+        request = fit_to_context(request, len(prompt_ids), self._context_length)
         check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
         seed = request.seed if request.seed is not None else self.config.seed
         prompt_top = request.prompt_logprobs if request.echo and not resumed else None

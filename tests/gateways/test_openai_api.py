@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import openai
 import pytest
 
 from tests.gateways.test_openai_helpers import (  # noqa: F401 (fixtures)
@@ -154,6 +155,20 @@ def test_completion_echo_and_default_max_tokens(gateway: Gateway) -> None:
     echoed = client.completions.create(model=MODEL, prompt="say it again", seed=8, echo=True)
     assert plain.usage is not None and plain.usage.completion_tokens == 16  # OpenAI's default for completions
     assert echoed.choices[0].text == "say it again" + plain.choices[0].text
+
+
+def test_unset_max_tokens_fits_what_the_prompt_leaves(gateway: Gateway) -> None:
+    """As with OpenAI, a request that sets no max_tokens is not refused for a long prompt: it gets the
+    room the prompt leaves (the synthetic context is 4096; a prompt word is a token)."""
+    client = gateway.sdk()
+    long_chat = [{"role": "user", "content": "word " * 3500}]
+    chat = client.chat.completions.create(model=MODEL, messages=long_chat)  # type: ignore[arg-type]
+    assert chat.choices[0].finish_reason == "length" and chat.usage is not None
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 4096
+    text = client.completions.create(model=MODEL, prompt="word " * 4090)
+    assert text.usage is not None and text.usage.completion_tokens == 4096 - text.usage.prompt_tokens < 16
+    with pytest.raises(openai.BadRequestError):  # a max_tokens the user chose is never lowered
+        client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=1000)  # type: ignore[arg-type]
 
 
 def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(gateway: Gateway) -> None:
