@@ -6,6 +6,7 @@ through the HTTP gateway. It runs in a process of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -181,34 +182,44 @@ class _Handlers:
         turn = Turn("assistant", "")
         conversation.turns.append(turn)
         conversation.model = sampling.model
+        conversation.replies += 1
+        mine = conversation.replies
         timing = ReplyTiming()
         start = time.monotonic()
         try:
             client = await self.link.client()
-            async for chunk in client.generate(request):
-                now = time.monotonic()
-                if timing.ttft_s is None and (chunk.text or chunk.token_ids):
-                    timing.ttft_s = now - start
-                timing.tokens += len(chunk.token_ids)
-                timing.elapsed_s = now - start
-                turn.text += chunk.text
-                if chunk.finish_reason is not None:
-                    timing.worker_id = chunk.worker_id or ""
-                    if chunk.usage is not None:
-                        timing.tokens = chunk.usage.completion_tokens
-                    turn.note = reply_note(timing)
-                yield render(conversation)
+            async with contextlib.aclosing(client.generate(request)) as stream:
+                async for chunk in stream:
+                    if conversation.replies != mine:
+                        return  # superseded; closing the stream cancels the request on its worker
+                    now = time.monotonic()
+                    if timing.ttft_s is None and (chunk.text or chunk.token_ids):
+                        timing.ttft_s = now - start
+                    timing.tokens += len(chunk.token_ids)
+                    timing.elapsed_s = now - start
+                    turn.text += chunk.text
+                    if chunk.finish_reason is not None:
+                        timing.worker_id = chunk.worker_id or ""
+                        if chunk.usage is not None:
+                            timing.tokens = chunk.usage.completion_tokens
+                        turn.note = reply_note(timing)
+                    yield render(conversation)
         except Exception as exc:  # every failure becomes a readable chat message
             if not isinstance(exc, MeshError):
                 log.exception("reply failed")
+            if conversation.replies != mine:
+                return
             if not turn.text:
                 conversation.turns.remove(turn)
             conversation.turns.append(Turn("assistant", error_text(exc, sampling.model), error=True))
             yield render(conversation)
 
     @staticmethod
-    def clear() -> tuple[list[dict[str, str]], Conversation, str]:
-        return [], Conversation(), ""
+    def clear(conversation: Conversation | None) -> tuple[list[dict[str, str]], Conversation, str]:
+        conversation = conversation if conversation is not None else Conversation()
+        conversation.turns.clear()
+        conversation.replies += 1  # a reply still streaming stops: it must not write the old chat back
+        return [], conversation, ""
 
     # ---------------------------------------------------------------- votes and flags
 
@@ -285,7 +296,7 @@ def build_app(config: GradioConfig, link: MeshLink | None = None) -> gr.Blocks:
             h.regenerate, [conversation, *params], [chatbot, conversation], api_name="regenerate", **pool
         )
         stop.click(None, None, None, cancels=[submitted, clicked, regenerated], api_visibility=private)
-        clear.click(h.clear, None, [chatbot, conversation, notice], api_name="clear")
+        clear.click(h.clear, conversation, [chatbot, conversation, notice], api_name="clear")
         upvote.click(h.upvote, conversation, notice, api_visibility=private)
         downvote.click(h.downvote, conversation, notice, api_visibility=private)
         flag.click(h.flag, conversation, notice, api_visibility=private)

@@ -53,6 +53,9 @@ class ReplyTiming:
 class Conversation:
     turns: list[Turn] = field(default_factory=list)
     model: str = ""
+    #: Replies started in this conversation: a reply still streaming when a later one starts
+    #: (Send or Regenerate pressed meanwhile) sees the count move on and stops.
+    replies: int = 0
 
     def last_exchange(self) -> list[Turn]:
         """The last user message and what followed it (for votes and flags)."""

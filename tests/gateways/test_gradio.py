@@ -185,6 +185,26 @@ def test_cancelling_a_reply_cancels_it_on_the_worker(shared_ui: UI) -> None:
     assert _inflight_seen(broker_url, want_busy=False, timeout=15), "the request kept running on the worker"
 
 
+def test_clear_or_regenerate_stops_the_reply_still_streaming(shared_ui: UI) -> None:
+    url, broker_url = shared_ui.url, shared_ui.broker_url
+    client = Client(url, auth=(USER, PASSWORD), verbose=False)
+    client.submit("a long one", "syn", 0.7, 1.0, 3000, "", api_name="/chat")
+    assert _inflight_seen(broker_url, want_busy=True, timeout=30)
+    chatbot, _ = client.predict(api_name="/clear")
+    assert chatbot == []
+    assert _inflight_seen(broker_url, want_busy=False, timeout=15), "the cleared reply kept running"
+    # The old reply did not write the old chat back: there is nothing to regenerate.
+    chatbot = client.predict("syn", 0.7, 1.0, 8, "", api_name="/regenerate")
+    assert "Nothing to regenerate" in _reply_text(chatbot)
+
+    client.predict(api_name="/clear")
+    client.submit("another long one", "syn", 0.7, 1.0, 3000, "", api_name="/chat")
+    assert _inflight_seen(broker_url, want_busy=True, timeout=30)
+    chatbot = client.predict("syn", 0.7, 1.0, 8, "", api_name="/regenerate")
+    assert [m["role"] for m in chatbot] == ["user", "assistant"] and _reply_text(chatbot)
+    assert _inflight_seen(broker_url, want_busy=False, timeout=15), "the superseded reply kept running"
+
+
 def test_overloaded_and_worker_lost_are_readable(processes: ProcessGroup, broker_url: str, tmp_path: Path) -> None:
     # One slot and no queue: a second chat is refused at once; then the busy worker is killed mid-reply.
     url = start_ui(processes, broker_url, tmp_path, broker_args=("--max-queue", "0"), worker_args=("--capacity", "1"))
