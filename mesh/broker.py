@@ -18,6 +18,7 @@ dispatch policy never works from a stale heartbeat figure.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -205,6 +206,10 @@ class Broker:
                 handler(frames)
             except ProtocolError as exc:
                 self._drop("malformed", exc)
+            except Exception:
+                # A fault of ours that one message brought out: that message is lost, not the mesh.
+                self.dropped["broker_fault"] += 1
+                log.exception("a message could not be handled; the broker carries on")
 
     def _admitted(
         self, role: Role, handler: Callable[[list[bytes]], None]
@@ -480,6 +485,8 @@ class Broker:
         announcement = decode(frames[1], Announcement)
         if not announcement.worker_id or announcement.capacity < 1 or not announcement.models:
             raise ProtocolError(f"announcement without id, capacity or models: {announcement}")
+        if not (math.isfinite(announcement.tokens_per_s) and announcement.tokens_per_s >= 0):
+            raise ProtocolError(f"announcement with a speed of {announcement.tokens_per_s} tokens/s")
         self._learn(announcement, frames)
         self._publish(frames)
 

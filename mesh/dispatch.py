@@ -8,6 +8,7 @@ passed in by its owner, the broker.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,9 +45,15 @@ def shortest_queue(candidates: Sequence[Candidate], state: DispatchState) -> int
     )
 
 
+#: The largest speed a lottery weight takes: announced figures are a worker's word, and weights
+#: that are infinite, or whose sum is, would leave random.choices nothing to draw from.
+MAX_WEIGHT_TOKENS_PER_S = 1e9
+
+
 def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
     """Random, weighted by measured speed (workers not yet measured count as the mean)."""
-    speeds = [c.tokens_per_s for c in candidates]
+    speeds = [min(c.tokens_per_s, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.tokens_per_s) else 0.0
+              for c in candidates]
     measured = [s for s in speeds if s > 0]
     fallback = sum(measured) / len(measured) if measured else 1.0
     weights = [s if s > 0 else fallback for s in speeds]

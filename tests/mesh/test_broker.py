@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
 from collections import Counter
@@ -19,7 +20,16 @@ import zmq
 from mesh.client import MeshClient
 from mesh.endpoints import Endpoints
 from mesh.errors import BadRequestError, ModelNotFoundError, OverloadedError, RequestError, WorkerLostError
-from mesh.protocol import MAX_MESSAGE_BYTES, FinishReason, GenerateRequest, Kind, new_request_id, pack_header
+from mesh.protocol import (
+    MAX_MESSAGE_BYTES,
+    Announcement,
+    FinishReason,
+    GenerateRequest,
+    Kind,
+    encode,
+    new_request_id,
+    pack_header,
+)
 from tests.support import ProcessGroup, wait_for_workers
 
 
@@ -303,6 +313,29 @@ async def test_malformed_frames_on_every_port_crash_nothing(processes: ProcessGr
             info = await client.wait_for_broker()
             await asyncio.sleep(0.6)  # the next beacon carries the counters
             assert sum(client.broker_info.dropped.values()) > 0, info
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_an_announcement_with_an_impossible_speed_is_dropped(processes: ProcessGroup, broker_url: str) -> None:
+    """A lottery broker weighs workers by their announced speed: an infinite one must not reach it."""
+    broker = processes.broker(broker_url, "--dispatch-method", "lottery")
+    processes.synthetic_worker(broker_url, "w1")
+    ctx = zmq.Context()
+    try:
+        bus_in = ctx.socket(zmq.PUB)
+        bus_in.setsockopt(zmq.LINGER, 0)
+        bus_in.connect(Endpoints.from_url(broker_url).bus_in)
+        liar = Announcement(worker_id="liar", models=["synthetic"], backend="x", capacity=4, tokens_per_s=math.inf)
+        async with MeshClient(broker_url) as client:
+            await wait_for_workers(client, 1)
+            for _ in range(10):
+                bus_in.send_multipart([pack_header(Kind.ANNOUNCE), encode(liar)])
+                await asyncio.sleep(0.05)
+            results = await asyncio.wait_for(asyncio.gather(*(client.complete(request()) for _ in range(8))), 10)
+            assert {r.worker_id for r in results} == {"w1"} and broker.alive()
+            await asyncio.sleep(0.6)  # the next beacon carries the counters
+            assert client.broker_info is not None and client.broker_info.dropped.get("malformed", 0) > 0
     finally:
         ctx.destroy(linger=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -45,6 +46,12 @@ def test_lottery_treats_unmeasured_workers_as_average() -> None:
     st = state(7)
     picks = Counter(lottery(candidates, st) for _ in range(4000))
     assert 0.4 < picks[0] / 4000 < 0.6
+
+
+def test_lottery_survives_speeds_no_worker_should_announce() -> None:
+    for speeds in ([math.inf, 10.0], [1e308, 1e308], [math.nan, 5.0], [-1.0, 0.0]):
+        candidates = [Candidate(bytes([i]), 0, 1, speed) for i, speed in enumerate(speeds)]
+        assert lottery(candidates, state(3)) in (0, 1)
 
 
 def test_round_robin_cycles() -> None:
