@@ -59,6 +59,8 @@ DRAIN_BATCH = 512
 #: Longest the loop sleeps in poll, so timers and stop requests are seen.
 TICK_SECONDS = 0.05
 _ROUTING_ERRORS = (zmq.Again, zmq.ZMQError)
+#: Last words kept per client that is not reading; past this the oldest are dropped (and counted).
+MAX_OWED_PER_CLIENT = 4096
 _HEADER_TOKENS = pack_header(Kind.TOKENS)  # the hot path's header prefix
 
 
@@ -116,6 +118,9 @@ class Broker:
         #: announcements still in flight on the bus must not bring them back.
         self._departed: dict[bytes, float] = {}
         self._revoked_logged: dict[str | None, float] = {}
+        #: Last words (error frames) for clients whose connection was full when they were due:
+        #: sent as soon as the client reads again, so that no request of theirs ends in silence.
+        self._owed: dict[bytes, deque[list[bytes]]] = {}
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
         # Until every live worker has had one heartbeat to announce itself (after a
@@ -240,7 +245,7 @@ class Broker:
             self._on_client(frames)  # letting go of work it started before is always allowed
         elif kind is Kind.SUBMIT:
             message = "this client's key is no longer on the broker's allow-list"
-            self._reply(frames[0], error_frames(request_id, ErrorCode.FORBIDDEN, message))
+            self._tell(frames[0], error_frames(request_id, ErrorCode.FORBIDDEN, message))
 
     def _drop(self, reason: str, detail: object) -> None:
         self.dropped[reason] += 1
@@ -268,17 +273,17 @@ class Broker:
         try:
             model = submit_frames[1].decode()
         except UnicodeDecodeError:
-            self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "model name is not UTF-8"))
+            self._tell(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "model name is not UTF-8"))
             return
         existing = self._requests.get(request_id)
         if existing is not None:
             # The same client again (a re-submit after our restart): it is in hand. Anyone
             # else: a replayed or colliding id must not disturb the request that owns it.
             if existing.client != client:
-                self._reply(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "request id already in use"))
+                self._tell(client, error_frames(request_id, ErrorCode.BAD_REQUEST, "request id already in use"))
             return
         if not self._by_model.get(model) and time.monotonic() >= self._warm_until:
-            self._reply(client, self._not_found(request_id, model))
+            self._tell(client, self._not_found(request_id, model))
             return
         request = _Request(request_id, client, model, submit_frames)
         self._requests[request_id] = request
@@ -295,7 +300,7 @@ class Broker:
         if len(queue) >= self.config.max_queue and not front:
             del self._requests[request.request_id]
             message = f"every worker of {request.model!r} is busy and {len(queue)} requests are waiting"
-            self._reply(request.client, error_frames(request.request_id, ErrorCode.OVERLOADED, message))
+            self._tell(request.client, error_frames(request.request_id, ErrorCode.OVERLOADED, message))
             return
         if front:
             queue.appendleft(request)
@@ -306,11 +311,13 @@ class Broker:
         request = self._requests.get(request_id)
         if request is None or request.client != client:
             return  # already finished, or not this client's to cancel
-        self._finish(request)
+        # The CANCEL leaves before _finish() hands the freed slot to a queued request: the worker
+        # must see its slot free before the next SUBMIT arrives, or it refuses that one as full.
         if request.worker is None:
             self._queues[request.model].remove(request)
         else:
             self._to_worker(request.worker, [pack_header(Kind.CANCEL, request_id)])
+        self._finish(request)
 
     def _reply(self, client: bytes, frames: list[bytes]) -> bool:
         """Sends to a client; False when it is gone or not reading."""
@@ -319,6 +326,32 @@ class Broker:
             return True
         except _ROUTING_ERRORS:
             return False
+
+    def _tell(self, client: bytes, frames: list[bytes]) -> None:
+        """Sends a request's last frame: now, or once the client reads again (if it is still there)."""
+        owed = self._owed.get(client)
+        if owed is None and self._reply(client, frames):
+            return
+        if owed is None:
+            owed = self._owed[client] = deque()
+        if len(owed) >= MAX_OWED_PER_CLIENT:
+            owed.popleft()
+            self.dropped["owed_overflow"] += 1
+        owed.append(frames)
+
+    def _pay_owed(self) -> None:
+        for client, owed in list(self._owed.items()):
+            while owed:
+                try:
+                    transport.send_nowait(self.front, [client, *owed[0]])
+                except zmq.Again:
+                    break  # still not reading
+                except zmq.ZMQError:
+                    owed.clear()  # gone: nobody left to tell
+                    break
+                owed.popleft()
+            if not owed:
+                del self._owed[client]
 
     # ------------------------------------------------------------------ dispatch
 
@@ -401,11 +434,14 @@ class Broker:
             if reply.code is ErrorCode.WORKER_UNAVAILABLE and not request.started:
                 self._redirect(request, worker)
                 return
-        if not self._reply(request.client, frames[1:]):
-            self._abandon(request)
-            return
+            if reply.code is ErrorCode.WORKER_LOST and not request.started:
+                self._retry(request, worker)  # a worker that gave up on it (a drain that ran out of time)
+                return
         if kind is not Kind.TOKENS:
+            self._tell(request.client, frames[1:])  # its last frame: the worker is done with it either way
             self._finish(request)
+        elif not self._reply(request.client, frames[1:]):
+            self._abandon(request)
 
     def _stale(self, worker_id: bytes, request_id: bytes) -> None:
         """A frame for a request this broker does not know (or gave to another worker): stop it."""
@@ -414,12 +450,14 @@ class Broker:
             self._to_worker(worker_id, [pack_header(Kind.CANCEL, request_id)])
 
     def _abandon(self, request: _Request) -> None:
-        """The client is gone or not reading: cancel its request on the worker."""
+        """The client is gone or not reading: cancel its request on the worker, and tell the
+        client when it reads again (a client that is gone is forgotten at the next tick)."""
         self.dropped["client_gone"] += 1
-        worker_id = request.worker
+        if request.worker is not None:
+            self._to_worker(request.worker, [pack_header(Kind.CANCEL, request.request_id)])  # before _finish()
         self._finish(request)
-        if worker_id is not None:
-            self._to_worker(worker_id, [pack_header(Kind.CANCEL, request.request_id)])
+        message = "the broker dropped the request: its client stopped reading (its connection was full)"
+        self._tell(request.client, error_frames(request.request_id, ErrorCode.CANCELLED, message))
 
     def _redirect(self, request: _Request, refused_by: _Worker | None) -> None:
         """A worker refused the request (draining, or full by its own count): another worker
@@ -440,7 +478,7 @@ class Broker:
         if request.attempts >= self.config.max_attempts or not self._by_model.get(request.model):
             del self._requests[request.request_id]
             message = f"the worker serving {request.model!r} was lost before it answered"
-            self._reply(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
+            self._tell(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
         elif not self._dispatch(request):
             self._enqueue(request, front=True)
 
@@ -453,7 +491,7 @@ class Broker:
             if request.started:
                 del self._requests[request_id]
                 message = f"the worker serving {request.model!r} was lost mid-stream ({reason})"
-                self._reply(request.client, error_frames(request_id, ErrorCode.WORKER_LOST, message))
+                self._tell(request.client, error_frames(request_id, ErrorCode.WORKER_LOST, message))
             else:
                 self._retry(request, None)
         worker.inflight.clear()
@@ -463,7 +501,7 @@ class Broker:
                 for request in self._queues.pop(model, ()):
                     del self._requests[request.request_id]
                     message = f"model {request.model!r} is no longer served by any worker"
-                    self._reply(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
+                    self._tell(request.client, error_frames(request.request_id, ErrorCode.WORKER_LOST, message))
         gone = WorkerGone(worker.worker_id.decode(errors="replace"), reason)
         self._publish([pack_header(Kind.WORKER_GONE), encode(gone)])
 
@@ -550,9 +588,11 @@ class Broker:
             for model in [m for m in self._queues if not self._by_model.get(m)]:
                 for request in self._queues.pop(model):
                     del self._requests[request.request_id]
-                    self._reply(request.client, self._not_found(request.request_id, model))
+                    self._tell(request.client, self._not_found(request.request_id, model))
         for worker in [w for w in self._workers.values() if now - w.last_seen > self._expiry]:
             self._bury(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
+        if self._owed:
+            self._pay_owed()
         if now >= self._next_beacon:
             self._next_beacon = now + self.config.heartbeat_interval
             self._publish(self._beacon_frames())

@@ -29,6 +29,7 @@ from mesh.protocol import (
     encode,
     new_request_id,
     pack_header,
+    parse_header,
 )
 from tests.support import ProcessGroup, wait_for_workers
 
@@ -96,6 +97,40 @@ async def test_a_reader_too_far_behind_is_cancelled_and_frees_its_worker(
         after = await asyncio.wait_for(client.complete(request(max_tokens=10)), 5)
         assert after.finish_reason is FinishReason.LENGTH
         assert time.monotonic() - started < 3
+
+
+async def test_requests_dropped_for_a_client_that_stopped_reading_end_with_an_error(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    """The broker drops the requests of a client whose connection stays full; once the client reads
+    again, each of them ends with DONE or with the broker's error, none in silence."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "16")
+    ctx = zmq.Context()
+    try:
+        stalled = ctx.socket(zmq.DEALER)
+        stalled.setsockopt(zmq.LINGER, 0)
+        stalled.setsockopt(zmq.RCVHWM, 100)
+        stalled.connect(Endpoints.from_url(broker_url).front)
+        async with MeshClient(broker_url) as watcher:
+            await wait_for_workers(watcher, 1)
+            for seed in range(16):
+                body = encode(request(max_tokens=4000, logprobs=20, seed=seed))
+                stalled.send_multipart([pack_header(Kind.SUBMIT, new_request_id()), b"synthetic", body])
+            deadline = time.monotonic() + 30
+            while watcher.broker_info is None or not watcher.broker_info.dropped.get("client_gone"):
+                assert time.monotonic() < deadline, "the broker never gave up on the stalled client"
+                await asyncio.sleep(0.1)
+        endings: dict[bytes, bytes] = {}
+        while len(endings) < 16:
+            assert stalled.poll(10_000), f"only {len(endings)} of 16 requests ended"
+            frames = stalled.recv_multipart()
+            kind, request_id = parse_header(frames[0])
+            if kind in (Kind.DONE, Kind.ERROR):
+                endings[request_id] = frames[1] if kind is Kind.ERROR else b"done"
+        assert any(b"stopped reading" in ending for ending in endings.values())
+    finally:
+        ctx.destroy(linger=0)
 
 
 async def test_messages_over_the_size_limit_fail_their_own_request_only(

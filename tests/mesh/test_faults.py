@@ -113,6 +113,27 @@ async def test_worker_lost_without_migration(processes: ProcessGroup, broker_url
         assert "lost" in outcomes and "done" in outcomes
 
 
+async def test_requests_a_draining_worker_never_started_finish_elsewhere(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    """A drain that runs out of time gives up requests that had no token yet: they are retried, not lost."""
+    processes.broker(broker_url)
+    slow = processes.synthetic_worker(
+        broker_url, "slow", "--ttft-ms", "5000", "--drain-timeout", "0.5", "--capacity", "4"
+    )
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        pending = [asyncio.create_task(client.complete(_request(i, 5))) for i in range(4)]
+        await _until(lambda: any(w.inflight >= 4 for w in client.workers()), 10, "the slow worker never got busy")
+        processes.synthetic_worker(broker_url, "fresh")
+        await wait_for_workers(client, 2)
+        slow.signal(signal.SIGTERM)
+        done = await asyncio.wait_for(asyncio.gather(*pending), 20)
+        assert {d.worker_id for d in done} == {"fresh"}
+        for i, d in enumerate(done):
+            assert d.text == await _expected_text(_request(i, 5))
+
+
 async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     frozen = processes.synthetic_worker(broker_url, "frozen", "--itl-ms", "20")
