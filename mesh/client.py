@@ -205,8 +205,14 @@ class MeshClient:
         self._tasks = [asyncio.create_task(self._watch_broker(), name="mesh-client-broker-watch")]
 
     async def close(self) -> None:
+        """Cancels every open request on the mesh (their readers get BrokerUnavailableError) and
+        closes the sockets; a second call does nothing."""
+        if self._context is None:
+            return
         for request_id in list(self._streams):
             self._front.send([pack_header(Kind.CANCEL, request_id)])
+        self._fail_all(BrokerUnavailableError("the mesh client was closed"))
+        self._streams.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

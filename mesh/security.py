@@ -175,6 +175,11 @@ def secure_client(socket: zmq.Socket, security: SecurityConfig) -> None:
 # --------------------------------------------------------------------------- ZAP
 
 
+#: Refused keys remembered (to log each once per interval): anyone with the broker's public key can
+#: offer fresh key pairs without end, and must not grow the broker's memory with them.
+MAX_REFUSED_KEYS_REMEMBERED = 1024
+
+
 class _AllowList:
     """One role's admitted keys, re-read when its folder changes; called on the ZAP thread."""
 
@@ -232,6 +237,8 @@ class _AllowList:
         # Every refusal is counted; a peer retrying in a loop is logged once per interval.
         self.refusals += 1
         now = time.monotonic()
+        if key not in self._refused and len(self._refused) >= MAX_REFUSED_KEYS_REMEMBERED:
+            self._forget_refusals(now)
         last, since = self._refused.get(key, (float("-inf"), 0))
         if now - last >= REFUSAL_LOG_INTERVAL:
             more = f" ({since} more refusal(s) since the last report)" if since else ""
@@ -242,6 +249,19 @@ class _AllowList:
             self._refused[key] = (now, 0)
         else:
             self._refused[key] = (last, since + 1)
+
+
+    def _forget_refusals(self, now: float) -> None:
+        """Room for a new key: those not logged within the interval go (they would be logged
+        afresh anyway), then, against a flood of fresh keys, the older half."""
+        recent = {k: v for k, v in self._refused.items() if now - v[0] < REFUSAL_LOG_INTERVAL}
+        if len(recent) >= MAX_REFUSED_KEYS_REMEMBERED:
+            recent = dict(list(recent.items())[len(recent) // 2 :])
+        self._refused = recent
+
+    @property
+    def refused_keys_remembered(self) -> int:
+        return len(self._refused)
 
 
 class _HandshakeWatch:

@@ -19,7 +19,14 @@ import zmq
 
 from mesh.client import MeshClient
 from mesh.endpoints import Endpoints
-from mesh.errors import BadRequestError, ModelNotFoundError, OverloadedError, RequestError, WorkerLostError
+from mesh.errors import (
+    BadRequestError,
+    BrokerUnavailableError,
+    ModelNotFoundError,
+    OverloadedError,
+    RequestError,
+    WorkerLostError,
+)
 from mesh.protocol import (
     MAX_MESSAGE_BYTES,
     Announcement,
@@ -131,6 +138,28 @@ async def test_requests_dropped_for_a_client_that_stopped_reading_end_with_an_er
         assert any(b"stopped reading" in ending for ending in endings.values())
     finally:
         ctx.destroy(linger=0)
+
+
+async def test_closing_the_client_ends_its_open_streams(processes: ProcessGroup, broker_url: str) -> None:
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--itl-ms", "50")
+    client = MeshClient(broker_url)
+    await client.start()
+    try:
+        await wait_for_workers(client, 1)
+        first = asyncio.Event()
+
+        async def read_all() -> None:
+            async for _ in client.generate(request(max_tokens=1000)):
+                first.set()
+
+        reader = asyncio.create_task(read_all())
+        await asyncio.wait_for(first.wait(), 10)
+        await client.close()
+        with pytest.raises(BrokerUnavailableError, match="closed"):
+            await asyncio.wait_for(reader, 5)
+    finally:
+        await client.close()  # a second close does nothing
 
 
 async def test_messages_over_the_size_limit_fail_their_own_request_only(
