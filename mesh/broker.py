@@ -482,8 +482,11 @@ class Broker:
         elif not self._dispatch(request):
             self._enqueue(request, front=True)
 
-    def _bury(self, worker: _Worker, reason: str) -> None:
-        del self._workers[worker.worker_id]
+    def _bury(self, worker: _Worker, reason: str, successor: _Worker | None = None) -> None:
+        if successor is None:
+            del self._workers[worker.worker_id]
+        else:
+            self._workers[worker.worker_id] = successor
         self._index_models()
         log.warning("worker %s is gone: %s", worker.worker_id.decode(errors="replace"), reason)
         for request_id in list(worker.inflight):
@@ -538,9 +541,12 @@ class Broker:
         if worker is None and announcement.draining:
             return  # a draining worker takes no new work: no need to learn it
         if worker is not None and worker.announcement.started_at != announcement.started_at:
-            self._bury(worker, "it restarted")  # its requests died with the old process
-            worker = None
-        if worker is None:
+            # A new incarnation (a restart, or a worker whose connection dropped): the old one's work
+            # is gone. The new one takes its place first, so that its requests can be retried on it.
+            successor = _Worker(worker_id, announcement, frames, now)
+            self._bury(worker, "it restarted or reconnected", successor)
+            log.info("worker %s is back serving %s", announcement.worker_id, ", ".join(announcement.models))
+        elif worker is None:
             worker = self._workers[worker_id] = _Worker(worker_id, announcement, frames, now)
             self._index_models()
             log.info("worker %s joined serving %s", announcement.worker_id, ", ".join(announcement.models))

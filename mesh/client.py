@@ -66,6 +66,7 @@ log = logging.getLogger("mesh.client")
 MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 #: Reply kinds that carry a delta and may be merged into the one before them.
 _DELTA_KINDS = frozenset({Kind.TOKENS, Kind.DONE})
+_TOKENS_HEADER = pack_header(Kind.TOKENS)
 #: Times one request may move to another worker after losing its worker mid-stream.
 MAX_MIGRATIONS = 2
 
@@ -100,6 +101,11 @@ class Completion:
     usage: Usage
     worker_id: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class _ConnectionDropped(WorkerLostError):
+    """The connection to the broker dropped with the request open: frames may have been lost
+    either way, so the request moves on (a new id), unstarted or not."""
 
 
 class _LostMidStream(Exception):
@@ -201,6 +207,7 @@ class MeshClient:
         bus = transport.connect(ctx, zmq.SUB, self.endpoints.bus_out, self.security)
         bus.setsockopt(zmq.SUBSCRIBE, b"")
         self._front = transport.AsyncChannel(front, self._on_reply)
+        self._front_watch = transport.ConnectionWatch(front, self._on_connection_lost)
         self._bus = transport.AsyncChannel(bus, self._on_bus_message)
         self._tasks = [asyncio.create_task(self._watch_broker(), name="mesh-client-broker-watch")]
 
@@ -218,6 +225,7 @@ class MeshClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._context is not None:
+            self._front_watch.close()
             await self._front.close()
             await self._bus.close()
             self._context.term()
@@ -268,12 +276,14 @@ class MeshClient:
         produced: list[int] = []
         current = request
         migrations = 0
+        yielded = False
         while True:
             try:
                 # aclosing: a caller that stops early cancels the request at once, not at garbage collection.
                 async with contextlib.aclosing(self._stream_once(current, timeout)) as stream:
                     async for chunk in stream:
                         produced.extend(chunk.token_ids)
+                        yielded = True
                         yield chunk
                 return
             except RequestError as exc:
@@ -283,7 +293,10 @@ class MeshClient:
                 raise WorkerLostError(f"the request's worker was lost and it could not move: {exc.message}") from None
             except _LostMidStream as lost:
                 remaining = request.max_tokens - len(produced)
-                if not self.migrate or not produced or remaining <= 0 or migrations >= MAX_MIGRATIONS:
+                # Unstarted requests of a lost worker were retried by the broker already; those of a
+                # dropped connection the broker may never have seen.
+                movable = produced or isinstance(lost.error, _ConnectionDropped)
+                if not self.migrate or not movable or remaining <= 0 or migrations >= MAX_MIGRATIONS:
                     raise lost.error from None
                 migrations += 1
                 log.info("request migrates after %d token(s): %s", len(produced), lost.error.message)
@@ -291,7 +304,7 @@ class MeshClient:
                     request,
                     resume_token_ids=[*request.resume_token_ids, *produced],
                     max_tokens=remaining,
-                    echo=False,
+                    echo=request.echo and not yielded,
                 )
 
     async def _stream_once(self, request: GenerateRequest, timeout: float | None) -> AsyncIterator[Chunk]:
@@ -424,6 +437,16 @@ class MeshClient:
             else:
                 self._front.send(stream.submit_frames)
 
+    def _on_connection_lost(self) -> None:
+        """The connection to the broker dropped (ZeroMQ redials, under a new identity at the broker):
+        frames that were on their way are lost, and replies to this connection's requests can no
+        longer reach it. Every open request moves on under a new id (generate() migrates it from
+        the tokens it has); the broker cancels the old ones when it finds this connection gone."""
+        if self._streams:
+            log.warning("the connection to the broker dropped: %d open request(s) move on", len(self._streams))
+        self._fail_all(_ConnectionDropped("the connection to the broker dropped"))
+        self._streams.clear()
+
     def _fail_all(self, error: MeshError) -> None:
         for stream in self._streams.values():
             stream.put(error)
@@ -434,7 +457,11 @@ class MeshClient:
         request_id = frames[0][2:]
         stream = self._streams.get(request_id)
         if stream is None:
-            return  # a request this client gave up on
+            # A request this client gave up on. Tokens after the end mean it still runs (its CANCEL
+            # lost with a dropped connection, say): stop it; the broker ignores a second CANCEL.
+            if frames[0][:2] == _TOKENS_HEADER:
+                self._front.send([pack_header(Kind.CANCEL, request_id)])
+            return
         if stream.buffered_bytes >= self.max_buffered_bytes:
             stream.put(RequestError("the request was cancelled: its reader fell too far behind"))
             self._front.send([pack_header(Kind.CANCEL, request_id)])

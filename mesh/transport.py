@@ -17,6 +17,11 @@ from mesh.security import Role, SecurityConfig, secure_client, secure_server
 LINGER_MS = 0
 #: Messages queued per peer before sends fail fast instead of growing memory.
 HIGH_WATER_MARK = 10_000
+#: ZMTP heartbeats (answered by ZeroMQ's I/O thread, so a busy event loop does not miss them): a
+#: connection whose peer stops answering (a host gone, a cable pulled) is closed and redialled
+#: within seconds, where TCP alone would wait many minutes.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 log = logging.getLogger("mesh.transport")
 
@@ -28,6 +33,8 @@ def _common(sock: S) -> S:
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
     sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     return sock
 
 
@@ -36,6 +43,9 @@ def bind(context: zmq.Context[S], kind: int, endpoint: str, security: SecurityCo
     if kind == zmq.ROUTER:
         # Fail loudly on a vanished peer instead of dropping its messages.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that redials with its identity (a worker after a network blip) takes it over at once,
+        # rather than being turned away until the old connection times out.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     secure_server(sock, security, role)
     sock.bind(endpoint)
     return sock
@@ -127,6 +137,8 @@ class AsyncChannel:
 
     def _on_ready(self) -> None:
         self._drain_pending = False
+        if self.socket.closed:
+            return  # a readiness check scheduled before close
         events = _raw_get(self.socket, _EVENTS)
         if events & _POLLOUT:
             self._writable.set()
@@ -190,10 +202,51 @@ class AsyncChannel:
         finally:
             self._flusher = None
 
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+    def close_now(self) -> asyncio.Task[None] | None:
+        """Closes the socket at once (unsent messages are dropped); returns the cancelled flusher
+        task, if one was running, for the caller to await."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
         self._outbox.clear()
         self._loop.remove_reader(self._fd)
         self.socket.close(linger=0)
+        return flusher
+
+    async def close(self) -> None:
+        flusher = self.close_now()
+        if flusher is not None:
+            await asyncio.gather(flusher, return_exceptions=True)
+
+
+class ConnectionWatch:
+    """Calls `on_lost` each time an established connection of a connecting socket drops.
+
+    ZeroMQ redials by itself, but messages that were on their way over the old
+    connection, either way, are gone, and neither end is told: the owner decides
+    what that means for its work in flight. A handshake that never succeeded
+    (a refused CURVE key) lost nothing and is not reported.
+    """
+
+    _EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+    def __init__(self, sock: zmq.Socket, on_lost: Callable[[], None]) -> None:
+        self._socket = sock
+        self._on_lost = on_lost
+        self._established = False
+        self._channel = AsyncChannel(sock.get_monitor_socket(self._EVENTS), self._on_event)
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._established = True
+        elif event == zmq.EVENT_DISCONNECTED and self._established:
+            self._established = False
+            self._on_lost()
+
+    def close(self) -> None:
+        """Before the watched socket closes: closing it is not a loss to report."""
+        self._socket.disable_monitor()
+        self._channel.close_now()  # the monitor's channel never sends: nothing left to await

@@ -119,6 +119,8 @@ class Worker:
         self._seq = 0
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Send tasks of closed back sockets, cancelled: awaited before the worker exits.
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,13 +130,9 @@ class Worker:
         frozen = freeze_startup_objects()
         log.debug("%d start-up objects exempted from garbage collection", frozen)
         self._models = self.engine.model_names
-        ctx = zmq.Context()
-        security = self.config.security
-        self._back = transport.AsyncChannel(
-            transport.connect(ctx, zmq.DEALER, self.endpoints.back, security, self.worker_id.encode()),
-            self._on_message,
-        )
-        self._bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, security)  # publishes never wait
+        self._context = ctx = zmq.Context()
+        self._connect_back()
+        self._bus = transport.connect(ctx, zmq.PUB, self.endpoints.bus_in, self.config.security)  # never waits
         self._tasks = [asyncio.create_task(self._announce_loop(), name="worker-announce")]
         log.info("worker %s serving %s (%s)", self.worker_id, ", ".join(self._models), self.engine.backend)
         try:
@@ -144,10 +142,26 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._back.close()
+            self._close_back()
+            await asyncio.gather(*self._closing, return_exceptions=True)
             self._bus.close(linger=0)
             ctx.term()
             await self.engine.stop()
+
+    def _connect_back(self) -> None:
+        back = transport.connect(
+            self._context, zmq.DEALER, self.endpoints.back, self.config.security, self.worker_id.encode()
+        )
+        self._back = transport.AsyncChannel(back, self._on_message)
+        self._back_watch = transport.ConnectionWatch(back, self._on_connection_lost)
+
+    def _close_back(self) -> None:
+        """Closes the back socket at once (it must not redial); what is left to await is kept."""
+        self._back_watch.close()
+        flusher = self._back.close_now()
+        if flusher is not None:
+            self._closing.add(flusher)
+            flusher.add_done_callback(self._closing.discard)
 
     def stop(self) -> None:
         """Begins a graceful stop: no new work, in-flight work drains."""
@@ -185,12 +199,7 @@ class Worker:
         if kind is Kind.CANCEL:
             # Forget it at once: the broker freed the slot when it sent this, and may
             # already be sending the next request.
-            task = self._active.pop(request_id, None)
-            if task is not None:
-                task.cancel()
-                self._cancelled.add(task)
-                task.add_done_callback(self._cancelled.discard)
-                self._load_changed.set()
+            self._forget(request_id)
             return
         if kind is not Kind.SUBMIT or len(frames) != 3:
             raise ProtocolError(f"{kind.name} with {len(frames)} frames")
@@ -214,6 +223,32 @@ class Worker:
         task = asyncio.get_running_loop().create_task(self._serve(request_id, request))
         self._active[request_id] = task
         self._load_changed.set()
+
+    def _forget(self, request_id: bytes) -> None:
+        """Cancels a request; it no longer counts as load, but is awaited before the worker exits."""
+        task = self._active.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+            self._cancelled.add(task)
+            task.add_done_callback(self._cancelled.discard)
+            self._load_changed.set()
+
+    def _on_connection_lost(self) -> None:
+        """The connection to the broker dropped. ZeroMQ redials, but frames that were on their way
+        either side are lost, and neither end can tell which: a SUBMIT never seen here, a token
+        missing from a stream. So the worker starts afresh, as a restarted worker would: it drops
+        its requests and announces a new incarnation, and the broker, hearing it, sends requests
+        that had no token yet elsewhere and tells the clients of the others, which migrate them."""
+        log.warning("the connection to the broker dropped: %d request(s) handed back", len(self._active))
+        for request_id in list(self._active):
+            self._forget(request_id)
+        # A new socket (the broker hands the identity over to it): frames of the old incarnation still
+        # queued on the old one go with it, and cannot reach the broker after it has moved their
+        # requests on.
+        self._close_back()
+        self._connect_back()
+        self._started_at = time.time()
+        self._load_changed.set()  # announce the new incarnation now
 
     async def _serve(self, request_id: bytes, request: GenerateRequest) -> None:
         send = self._back.send

@@ -40,3 +40,59 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, message: str =
             raise TimeoutError(f"{message} not met within {timeout} s")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+class TcpRelay:
+    """A loopback TCP relay in front of one port, whose connections a test can cut: a network blip
+    (both ends see the connection drop; ZeroMQ redials through the relay at once)."""
+
+    def __init__(self, listen_port: int, target_port: int) -> None:
+        self.listen_port, self.target_port = listen_port, target_port
+        self._server: asyncio.Server | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.cuts = 0
+
+    async def __aenter__(self) -> TcpRelay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen_port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    def cut(self) -> int:
+        """Drops every connection through the relay now; returns how many there were."""
+        cut = len(self._transports) // 2
+        for transport in self._transports:
+            transport.abort()
+        self._transports.clear()
+        self.cuts += cut
+        return cut
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._transports += [writer.transport, target_writer.transport]
+        for source, sink in ((reader, target_writer), (target_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.transport.abort()

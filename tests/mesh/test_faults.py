@@ -21,7 +21,7 @@ from mesh.engines.base import EngineConfig
 from mesh.engines.synthetic import SyntheticEngine
 from mesh.errors import BrokerUnavailableError, WorkerLostError
 from mesh.protocol import FinishReason, GenerateRequest, Kind, encode, new_request_id, pack_header
-from tests.support import REPO_ROOT, ProcessGroup, free_port, wait_for_workers
+from tests.support import REPO_ROOT, ProcessGroup, TcpRelay, free_broker_url, free_port, wait_for_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,6 +132,58 @@ async def test_requests_a_draining_worker_never_started_finish_elsewhere(
         assert {d.worker_id for d in done} == {"fresh"}
         for i, d in enumerate(done):
             assert d.text == await _expected_text(_request(i, 5))
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def test_a_blip_on_the_clients_connection_loses_no_token(processes: ProcessGroup, broker_url: str) -> None:
+    """The client's connection to the broker drops while its requests stream, and one waits in the
+    broker's queue: each still ends with exactly the tokens of an uninterrupted run (no gap, no hang)."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--itl-ms", "20", "--capacity", "4")
+    relayed = free_broker_url()
+    # The client uses the front (port) and the bus it listens to (port + 3): both through relays.
+    front = TcpRelay(_port(relayed), _port(broker_url))
+    bus_out = TcpRelay(_port(relayed) + 3, _port(broker_url) + 3)
+    async with front, bus_out, MeshClient(relayed) as client:
+        await wait_for_workers(client, 1)
+        requests = [_request(i, 60) for i in range(5)]
+        pending = [asyncio.create_task(client.complete(r)) for r in requests]
+        await asyncio.sleep(0.5)
+        assert front.cut() == 1
+        done = await asyncio.wait_for(asyncio.gather(*pending), 30)
+        for request, result in zip(requests, done, strict=True):
+            assert result.text == await _expected_text(request)
+            assert result.usage.completion_tokens == 60
+
+
+async def test_a_blip_on_a_workers_connection_loses_no_token(processes: ProcessGroup, broker_url: str) -> None:
+    """The worker's connection to the broker drops mid-stream, again and again: every request still
+    ends with exactly the tokens of an uninterrupted run, and no slot leaks on the broker."""
+    processes.broker(broker_url)
+    relayed = free_broker_url()
+    # The worker uses the back (port + 1) and the bus it publishes on (port + 2): both through relays.
+    back = TcpRelay(_port(relayed) + 1, _port(broker_url) + 1)
+    bus_in = TcpRelay(_port(relayed) + 2, _port(broker_url) + 2)
+    async with back, bus_in:
+        # Tokens with no delay: at any moment some are on the wire, and a cut loses them.
+        processes.synthetic_worker(relayed, "w1", "--capacity", "4")
+        async with MeshClient(broker_url) as client:
+            await wait_for_workers(client, 1)
+            # Cut right after the submits (they may be lost on the way), then mid-stream.
+            for round_, cut_after in enumerate((0.005, 0.2, 0.01, 0.3)):
+                requests = [_request(10 * round_ + i, 1500 + 100 * i) for i in range(5)]
+                pending = [asyncio.create_task(client.complete(r)) for r in requests]
+                await asyncio.sleep(cut_after)
+                assert back.cut() == 1
+                done = await asyncio.wait_for(asyncio.gather(*pending), 30)
+                for request, result in zip(requests, done, strict=True):
+                    assert result.text == await _expected_text(request), f"round {round_}"
+            await _until(lambda: client.broker_info is not None and client.broker_info.inflight == 0, 5,
+                         "requests are still counted in flight")
+            assert (await asyncio.wait_for(client.complete(_request(99, 5)), 10)).finish_reason is FinishReason.LENGTH
 
 
 async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: ProcessGroup, broker_url: str) -> None:
