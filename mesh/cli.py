@@ -21,12 +21,44 @@ from mesh.cli_options import (
 from mesh.dispatch import DISPATCH_METHODS
 from mesh.errors import MeshError
 
+#: Counts (capacity, max tokens) travel as msgpack ints; int32 is what the OpenAI gateway allows for max_tokens.
+INT32_MAX = 2**31 - 1
+
+
+def _whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    if number > INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT32_MAX}, got {number}")
     return number
+
+
+def _count(value: str) -> int:
+    number = _whole_number(value)
+    if not 0 <= number <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be 0 to {INT32_MAX}, got {number}")
+    return number
+
+
+#: What --dtype takes, for every backend (the transformers backend imports torch, too slow for parsing).
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: A seed is an int64 on the wire, as the OpenAI gateway accepts it; msgpack cannot carry a larger one.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _seed(value: str) -> int:
+    seed = _whole_number(value)
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be -2**63 to 2**63-1 (an int64), got {seed}")
+    return seed
 
 
 def _engine_arg(value: str) -> tuple[str, object]:
@@ -55,7 +87,7 @@ def _add_broker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=_count,
         default=256,
         metavar="N",
         help="requests per model that may wait for a free worker before `overloaded` (default: 256)",
@@ -119,11 +151,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="requests served at once, the batch bound (default: 16)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="a torch device: cpu, cuda or cuda:N (mps, xpu with the transformers backend) (default: cpu)",
+    )
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (default: auto)")
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         help="seed for requests that bring none (default: each such request gets a random seed)",
     )
     p.add_argument("--worker-id", default="", help="this worker's id on the mesh (default: host-pid-random)")
@@ -290,10 +326,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream one completion to stdout")
     add_mesh_options(p)
     p.add_argument("--model", required=True, help="model name (or alias) to ask")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    p.add_argument("--max-tokens", type=_count, default=256, help="most tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 for greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    p.add_argument("--seed", type=int, help="seed: the same seed gives the same text")
+    p.add_argument("--seed", type=_seed, help="seed: the same seed gives the same text")
     p.add_argument("--raw", action="store_true", help="send PROMPT as is instead of as a chat message")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any token (default: 300)")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (a user chat message unless --raw)")

@@ -68,6 +68,32 @@ def cpu_list(value: str) -> frozenset[int]:
     return frozenset(cpus)
 
 
+def cpu_list_text(cpus: frozenset[int] | set[int]) -> str:
+    """{0, 2, 3} -> '0,2-3', the form --cpus takes."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive CPUs
+    for cpu in sorted(cpus):
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+#: Lowest and highest TCP port a server here may listen on (0, "any free port", would leave no URL to print).
+MIN_PORT, MAX_PORT = 1, 65535
+
+
+def port_number(value: str) -> int:
+    """An argparse type for every port option: a bad port stops at parsing with one line, not a traceback later."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"expected a port from {MIN_PORT} to {MAX_PORT}, got {value!r}")
+    return port
+
+
 def add_cpu_latency_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--cpu-latency-us",
@@ -97,12 +123,27 @@ def process_options(args: argparse.Namespace) -> Iterator[None]:
     setup_logging(getattr(args, "log_level", "INFO"))
     cpus = getattr(args, "cpus", None)
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        set_cpus(cpus)
     latency_us = getattr(args, "cpu_latency_us", None)
     with hold_cpu_latency(latency_us):
         if latency_us is not None:
             logging.getLogger("mesh").info("idle CPUs held to a wake-up latency of %d us while this runs", latency_us)
         yield
+
+
+def set_cpus(cpus: frozenset[int]) -> None:
+    """Pins this process; a CPU it cannot use is a ValueError naming --cpus and the CPUs it may use."""
+    available = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cpus)
+        missing = cpus - os.sched_getaffinity(0)  # the kernel drops unusable CPUs silently when others remain
+    except OSError:  # none usable: EINVAL, which names no CPU
+        missing = cpus
+    if missing:
+        raise ValueError(
+            f"--cpus {cpu_list_text(cpus)}: this process cannot run on CPU{'s' * (len(missing) > 1)} "
+            f"{cpu_list_text(missing)}; CPUs available to it: {cpu_list_text(available)}"
+        )
 
 
 def security_from_args(args: argparse.Namespace) -> SecurityConfig:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_BROKER_URL = "tcp://127.0.0.1:21001"
 PORTS_PER_BROKER = 4
+MAX_BROKER_PORT = 65535 - (PORTS_PER_BROKER - 1)
 
 
 class EndpointError(ValueError):
@@ -29,11 +30,18 @@ class Endpoints:
     @classmethod
     def from_url(cls, url: str) -> Endpoints:
         parts = urlsplit(url)
-        if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        try:
+            port = parts.port
+        except ValueError:  # urllib: not a number, or outside 0-65535
+            port = -1
+        if parts.scheme != "tcp" or not parts.hostname or port is None:
             raise EndpointError(f"broker URL must look like tcp://HOST:PORT, got {url!r}")
-        if not 0 < parts.port <= 65535 - (PORTS_PER_BROKER - 1):
-            raise EndpointError(f"broker port {parts.port} leaves no room for its {PORTS_PER_BROKER} ports")
-        return cls(parts.hostname, parts.port)
+        if not 0 < port <= MAX_BROKER_PORT:
+            raise EndpointError(
+                f"broker URL {url!r}: PORT must be a number from 1 to {MAX_BROKER_PORT}, since the broker "
+                f"uses it and the {PORTS_PER_BROKER - 1} after it"
+            )
+        return cls(parts.hostname, port)
 
     def _url(self, offset: int) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -1,8 +1,9 @@
 """`mesh keys`: CURVE key folders for a mesh, one folder per process.
 
-    mesh keys init DIR --workers 2 --clients 1     broker keys, worker-1, worker-2, client-1
-    mesh keys init DIR --worker gpu-a --client gateway
-    mesh keys add DIR --worker gpu-c               a new node, admitted by a running broker at once
+    mesh keys init DIR                                   broker keys, worker-1, client-1
+    mesh keys init DIR --workers 2 --client gateway      broker keys, worker-1, worker-2, gateway
+    mesh keys init DIR --worker gpu-a --client gateway   broker keys, gpu-a, gateway (names replace numbers)
+    mesh keys add DIR --worker gpu-c                     a new node, admitted by a running broker at once
 
 Layout (see mesh.security):
 
@@ -159,19 +160,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _node_options(p: argparse.ArgumentParser, default_workers: int, default_clients: int) -> None:
-    p.add_argument("--workers", type=int, default=default_workers, metavar="N",
-                   help=f"numbered worker folders worker-1..N (default: {default_workers})")
-    p.add_argument("--clients", type=int, default=default_clients, metavar="N",
-                   help=f"numbered client folders client-1..N (default: {default_clients})")
+    # --workers and --clients stay None when not given: named folders then replace the numbered default.
+    p.add_argument("--workers", type=int, metavar="N",
+                   help=f"numbered worker folders worker-1..N ({_count_default(default_workers, '--worker')})")
+    p.add_argument("--clients", type=int, metavar="N",
+                   help=f"numbered client folders client-1..N ({_count_default(default_clients, '--client')})")
     p.add_argument("--worker", action="append", default=[], metavar="NAME", help="a named worker folder (repeatable)")
     p.add_argument("--client", action="append", default=[], metavar="NAME",
                    help="a named client folder, e.g. gateway (repeatable)")
+    p.set_defaults(default_workers=default_workers, default_clients=default_clients)
+
+
+def _count_default(count: int, named_flag: str) -> str:
+    return f"default: {count}, or 0 with {named_flag}" if count else "default: 0"
 
 
 def _nodes(args: argparse.Namespace) -> list[Node]:
-    if args.workers < 0 or args.clients < 0:
+    """Named folders are what the user asked for: `--client gateway` makes no client-1 besides it
+    unless --clients says so."""
+    workers = args.workers if args.workers is not None else (0 if args.worker else args.default_workers)
+    clients = args.clients if args.clients is not None else (0 if args.client else args.default_clients)
+    if workers < 0 or clients < 0:
         raise KeysError("--workers and --clients must be 0 or more")
-    return plan_nodes(args.workers, args.clients, args.worker, args.client, args.dir)
+    return plan_nodes(workers, clients, args.worker, args.client, args.dir)
 
 
 def _print_usage(root: Path, nodes: list[Node]) -> None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,7 +325,7 @@ async def _http_ok(http: object, url: str) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mesh.cli_options import add_cpu_latency_option, comma_list
+    from mesh.cli_options import add_cpu_latency_option, comma_list, port_number
 
     p = sub.add_parser(
         "up",
@@ -340,8 +339,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help=f"the broker's address; it uses this port and the three after it (default: {DEFAULT_BROKER_URL})",
     )
-    p.add_argument("--api-port", type=int, default=8000, help="OpenAI API port (default: 8000)")
-    p.add_argument("--ui-port", type=int, default=7860, help="chat UI port (default: 7860)")
+    p.add_argument("--api-port", type=port_number, default=8000, help="OpenAI API port (default: 8000)")
+    p.add_argument("--ui-port", type=port_number, default=7860, help="chat UI port (default: 7860)")
     p.add_argument("--backend", help="worker backend: transformers (default), vllm, or synthetic (fake tokens, tests)")
     p.add_argument("--model-path", metavar="PATH", help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--model-names", type=comma_list, default=(), metavar="A,B", help="names to serve the model under")
@@ -355,7 +354,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-api", action="store_true", help="do not start the OpenAI gateway")
     p.add_argument("--no-ui", action="store_true", help="do not start the chat UI")
     p.add_argument("--gradio-auth-path", type=Path, metavar="FILE", help="passed to the UI: user:password lines")
-    p.add_argument("--log-dir", type=Path, metavar="DIR", help="where each child's log goes (default: a new temp dir)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="where each child's log goes, and the UI's votes and flags, under DIR/gradio (default: logs in a new "
+        "temp dir, votes and flags where `mesh gateway gradio` keeps them, ~/.local/state/llm-mesh/gradio)",
+    )
     p.add_argument(
         "--start-timeout",
         type=float,
@@ -373,11 +378,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from mesh.cli_options import run_service
-
-    ui_args: Sequence[str] = ("--gradio-auth-path", str(args.gradio_auth_path)) if args.gradio_auth_path else ()
-    config = UpConfig(
+def config_from_args(args: argparse.Namespace) -> UpConfig:
+    ui_args: list[str] = []
+    if args.gradio_auth_path:
+        ui_args += ["--gradio-auth-path", str(args.gradio_auth_path)]
+    if args.log_dir:
+        # Votes and flags beside the logs: with --log-dir, everything this run writes is in one place.
+        ui_args += ["--log-dir", str(args.log_dir / "gradio")]
+    return UpConfig(
         broker_url=args.broker,
         api_port=args.api_port,
         ui_port=args.ui_port,
@@ -391,6 +399,12 @@ def _run(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         start_timeout=args.start_timeout,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mesh.cli_options import run_service
+
+    config = config_from_args(args)
     Endpoints.from_url(config.broker_url)  # a bad URL: one clear line from the CLI, before anything starts
     up = MeshUp(config)
     run_service(lambda: up)

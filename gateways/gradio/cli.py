@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
-from mesh.cli_options import add_mesh_options, security_from_args
+from mesh.cli_options import add_mesh_options, port_number, security_from_args
+from mesh.endpoints import is_loopback_host
+
+log = logging.getLogger("gateways.gradio")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_mesh_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="HTTP port (default: 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="HTTP port (default: 7860)")
     p.add_argument(
         "--model-list-mode",
         choices=["once", "reload"],
@@ -37,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--share", action="store_true", help="also publish a public *.gradio.live link (needs internet access)"
     )
-    p.add_argument("--log-dir", type=Path, metavar="DIR", help="where votes and flags go (JSON lines, one file a day)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="where votes and flags go, as JSON lines, one file a day (default: ~/.local/state/llm-mesh/gradio)",
+    )
     p.add_argument(
         "--request-timeout", type=float, default=300.0, metavar="S", help="longest wait for a token (default: 300)"
     )
@@ -45,14 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def read_auth_file(path: Path) -> tuple[tuple[str, str], ...]:
-    """user:password lines; raises ValueError naming the bad line."""
+    """user:password lines; raises ValueError naming the bad line.
+
+    The password is everything after the first colon up to the line ending, spaces included: stripping
+    them would lock out a user whose password ends in one. Blank lines and # comments are skipped."""
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):  # drops the line endings
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
         user, sep, password = line.partition(":")
-        if not sep or not user.strip() or not password:
+        if not sep or not user.strip() or not password.strip():
             raise ValueError(f"{path}:{number}: expected user:password")
         pairs.append((user.strip(), password))
     if not pairs:
@@ -80,5 +91,16 @@ def _run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         security=security_from_args(args),
     )
+    warn_when_open(config.host, config.share, config.auth)
     serve(config)
     return 0
+
+
+def warn_when_open(host: str, share: bool, auth: tuple[tuple[str, str], ...]) -> bool:
+    """Logs a warning (and says so) when others can reach the UI with no login, as the OpenAI gateway
+    does without --api-keys: the mesh's CURVE keys guard only its own sockets, not this page."""
+    if auth or (is_loopback_host(host) and not share):
+        return False
+    where = "a public *.gradio.live link" if share else host
+    log.warning("serving on %s with no --gradio-auth-path: anyone who reaches it can use the models", where)
+    return True

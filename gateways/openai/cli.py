@@ -8,7 +8,7 @@ import logging
 import ssl
 
 from gateways.openai.config import DEFAULT_ALLOWED_HEADERS, DEFAULT_ALLOWED_METHODS, GatewayConfig
-from mesh.cli_options import add_mesh_options, comma_list, run_service, security_from_args
+from mesh.cli_options import add_mesh_options, comma_list, port_number, run_service, security_from_args
 from mesh.endpoints import is_loopback_host
 from mesh.heap import freeze_startup_objects
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_mesh_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
     p.add_argument(
         "--api-keys",
         type=comma_list,
@@ -94,8 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be 1 to 65535, got {args.port}")
     if args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
 

@@ -52,6 +52,30 @@ MAX_PREFILL_TOKENS = 4096
 #: (positions x vocabulary floats: 512 x 49152 x 4 bytes = 100 MB for the default model).
 SCORE_CHUNK = 512
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Device types besides cpu that this backend can run on, each with torch's module that says whether one is here.
+_ACCELERATORS = {"cuda": torch.cuda, "mps": torch.mps, "xpu": torch.xpu}
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `--device` names, if this machine has it; a ValueError saying why not otherwise.
+
+    Checked before the model loads: torch itself fails only at the first tensor moved, after the whole
+    load, and with a traceback."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cpu":
+        return device
+    module = _ACCELERATORS.get(device.type)
+    if module is None:
+        raise ValueError(f"--device {name}: the transformers backend runs on cpu, cuda, mps or xpu only")
+    if not module.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} finds no usable {device.type} device here")
+    count = module.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: there are only {count} {device.type} device(s), numbered from 0")
+    return device
 
 
 @dataclass(eq=False)
@@ -130,18 +154,21 @@ class TransformersEngine(Engine):
     def _load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # Both checked before anything loads: the CLI prints a ValueError as one line.
+        device = check_device(self.config.device)
+        if self.config.dtype != "auto" and self.config.dtype not in _DTYPES:
+            raise ValueError(f"--dtype {self.config.dtype!r}: choose auto, {', '.join(_DTYPES)}")
         try:
             resolved = resolve_model(self.config.model_path, self.config.cache_dir)
         except ModelError as exc:
             raise SystemExit(f"mesh worker: {exc}") from None
-        device = torch.device(self.config.device)
         if device.type == "cpu":
             # One intra-op thread unless told otherwise: the worker shares its cores with the broker,
             # gateways and other workers, and torch's spinning thread pool degrades badly when
             # oversubscribed (measured on 2 busy cores: a 16-row decode step took 0.54 s on 1 thread
             # and 5.6 s on 2).
             torch.set_num_threads(self.config.cpu_threads)
-        dtype = _DTYPES.get(self.config.dtype, "auto")
+        dtype = _DTYPES.get(self.config.dtype, "auto")  # checked above: only "auto" is not a key
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)

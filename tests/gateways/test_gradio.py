@@ -259,3 +259,28 @@ def test_chat_decisions_are_pure_functions() -> None:
 
     note = reply_note(ReplyTiming(worker_id="w1", ttft_s=0.1, elapsed_s=1.1, tokens=11))
     assert note == "worker w1 · first token 100 ms · 10.0 tokens/s · 11 tokens"
+
+
+def test_auth_file_keeps_what_follows_the_colon(tmp_path: Path) -> None:
+    from gateways.gradio.cli import read_auth_file
+
+    auth = tmp_path / "users.txt"
+    auth.write_bytes(b"# who may chat\n\nalice:ends in a space \n  bob : two  \r\n   \n  # indented comment\n")
+    assert read_auth_file(auth) == (("alice", "ends in a space "), ("bob", " two  "))
+    auth.write_text("carol:   \n")
+    with pytest.raises(ValueError, match=":1: expected user:password"):
+        read_auth_file(auth)
+
+
+def test_ui_open_to_others_without_a_login_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from gateways.gradio.cli import warn_when_open
+
+    login = ((USER, PASSWORD),)
+    assert not warn_when_open("127.0.0.1", share=False, auth=())
+    assert not warn_when_open("0.0.0.0", share=False, auth=login)
+    assert not caplog.records
+    assert warn_when_open("0.0.0.0", share=False, auth=())
+    assert warn_when_open("127.0.0.1", share=True, auth=())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "0.0.0.0 with no --gradio-auth-path" in warnings[0], warnings
+    assert "gradio.live" in warnings[1]

@@ -136,18 +136,30 @@ def test_sigterm_drains_in_flight_requests(processes: ProcessGroup, broker_url: 
 
 
 def test_cpu_lists() -> None:
-    from mesh.cli_options import cpu_list
+    from mesh.cli_options import cpu_list, cpu_list_text
 
     assert cpu_list("0") == {0}
     assert cpu_list("0,2-3") == {0, 2, 3}
     for bad in ("", "x", "3-x", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             cpu_list(bad)
+    assert cpu_list_text(cpu_list("5,0-2,4,7")) == "0-2,4-5,7"
+
+
+def test_port_numbers() -> None:
+    from mesh.cli_options import port_number
+
+    assert port_number("1") == 1 and port_number("65535") == 65535
+    for bad in ("0", "65536", "-1", "99999", "http", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="1 to 65535"):
+            port_number(bad)
 
 
 def test_cpus_keeps_every_thread_of_the_process_on_those_cpus(processes: ProcessGroup, broker_url: str) -> None:
     import os
     from pathlib import Path
+
+    from mesh.cli_options import cpu_list_text
 
     cpu = max(os.sched_getaffinity(0))
     broker = processes.broker(broker_url, "--cpus", str(cpu))
@@ -156,5 +168,73 @@ def test_cpus_keeps_every_thread_of_the_process_on_those_cpus(processes: Process
     threads = [int(t.name) for t in Path(f"/proc/{broker.pid}/task").iterdir()]
     assert len(threads) >= 2  # the main thread and ZeroMQ's I/O thread, at least
     assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
+    available = cpu_list_text(os.sched_getaffinity(0))
     bad = mesh("broker", "--broker", broker_url, "--cpus", "4096")
-    assert bad.returncode == 2 and "Invalid argument" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "--cpus 4096: this process cannot run on CPU 4096;" in bad.stderr
+    assert f"CPUs available to it: {available}" in bad.stderr
+    # One usable CPU among them: the kernel would quietly drop the others.
+    partly = mesh("status", "--broker", broker_url, "--cpus", f"{cpu},4095-4096")
+    assert partly.returncode == 2 and "cannot run on CPUs 4095-4096;" in partly.stderr, partly.stderr
+
+
+def _parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """argparse's error line for argv (it exits 2 before anything runs)."""
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_ports_seeds_and_dtypes_stop_at_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, flag in [
+        (("up", "--api-port", "99999", "--no-ui"), "--api-port"),
+        (("up", "--api-port", "-1"), "--api-port"),
+        (("up", "--ui-port", "0"), "--ui-port"),
+        (("up", "--ui-port", "http"), "--ui-port"),
+        (("gateway", "gradio", "--port", "65536"), "--port"),
+        (("generate", "--model", "m", "--seed", "99999999999999999999999", "hi"), "--seed"),
+        (("generate", "--model", "m", "--seed", str(-(2**63) - 1), "hi"), "--seed"),
+        (("worker", "--seed", str(2**63)), "--seed"),
+        (("worker", "--dtype", "bogus"), "--dtype"),
+        (("generate", "--model", "m", "--max-tokens", "99999999999999999999", "hi"), "--max-tokens"),
+        (("worker", "--capacity", str(2**31)), "--capacity"),
+    ]:
+        error = _parse_error(capsys, *argv)
+        assert error.startswith("mesh ") and f"argument {flag}" in error, (argv, error)
+    args = build_parser().parse_args(["generate", "--model", "m", "--seed", str(-(2**63)), "hi"])
+    assert args.seed == -(2**63)
+    args = build_parser().parse_args(["up", "--api-port", "1", "--ui-port", "65535"])
+    assert (args.api_port, args.ui_port) == (1, 65535)
+    assert build_parser().parse_args(["worker", "--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
+def test_broker_url_out_of_range_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from mesh.cli import main
+    from mesh.endpoints import EndpointError, Endpoints
+
+    for port in ("99999", "65533", "0", "x"):
+        with pytest.raises(EndpointError, match="PORT must be a number from 1 to 65532"):
+            Endpoints.from_url(f"tcp://127.0.0.1:{port}")
+    assert Endpoints.from_url("tcp://127.0.0.1:65532").bus_out == "tcp://127.0.0.1:65535"
+    assert main(["up", "--broker", "tcp://127.0.0.1:99999"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mesh up: broker URL") and "65532" in err, err
+
+
+def test_worker_device_is_checked_before_the_model_loads() -> None:
+    import torch
+
+    from mesh.engines.transformers_backend import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    for bad, reason in [("bogus", "not a torch device"), ("cuda:-1", "not a torch device"), ("meta", "cpu, cuda")]:
+        with pytest.raises(ValueError, match=reason):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable cuda device"):
+            check_device("cuda")
+    # The whole path: one line and exit 2, before any model is read (no broker needed to get there).
+    result = mesh("worker", "--broker", "tcp://127.0.0.1:9", "--device", "bogus", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "mesh worker: --device 'bogus' is not a torch device (e.g. cpu, cuda, cuda:1)"

@@ -13,12 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import zmq
 
 from mesh.client import MeshClient
 from mesh.errors import BrokerUnavailableError, ForbiddenError
 from mesh.keys import KeysError, Node, add_nodes, init_keys, plan_nodes
 from mesh.protocol import GenerateRequest
-from mesh.security import KeyMaterialError, SecurityConfig, load_broker_keys, load_node_keys
+from mesh.security import (
+    MAX_REFUSED_KEYS_REMEMBERED,
+    KeyMaterialError,
+    SecurityConfig,
+    _AllowList,
+    load_broker_keys,
+    load_node_keys,
+)
 from tests.support import REPO_ROOT, ProcessGroup, free_broker_url, mesh_env, wait_for_workers, wait_until
 
 
@@ -46,11 +54,14 @@ def test_keys_init_makes_one_folder_per_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"--keys {root / 'workers' / 'worker-2'}" in result.stdout
     broker_public, _ = load_broker_keys(root / "broker")
-    for folder in ("workers/worker-1", "workers/worker-2", "clients/client-1", "clients/gateway"):
+    for folder in ("workers/worker-1", "workers/worker-2", "clients/gateway"):
         public, _, known_broker = load_node_keys(root / folder)
         assert known_broker == broker_public
         role, name = folder.split("/")
         assert (root / "broker" / "allow" / role / f"{name}.key").read_bytes().count(public) == 1
+    # A named client replaces the default client-1: no key the user did not ask for is allow-listed.
+    assert not (root / "clients" / "client-1").exists()
+    assert sorted(p.name for p in (root / "broker" / "allow" / "clients").iterdir()) == ["gateway.key"]
     assert (root / "workers" / "worker-1" / "node.key_secret").stat().st_mode & 0o077 == 0
     # A second init would orphan every node: refused with the way out.
     again = _mesh("keys", "init", str(root))
@@ -58,6 +69,21 @@ def test_keys_init_makes_one_folder_per_process(tmp_path: Path) -> None:
     # add numbers after the existing nodes.
     added = _mesh("keys", "add", str(root), "--workers", "1")
     assert added.returncode == 0 and "worker-3" in added.stdout
+
+
+def test_keys_init_numbers_nodes_only_where_no_names_are_given(tmp_path: Path) -> None:
+    from mesh.cli import main
+
+    def made(*args: str) -> set[str]:
+        root = tmp_path / "_".join(args).replace("-", "") or "plain"
+        assert main(["keys", "init", str(root), *args]) == 0
+        return {f"{p.parent.name}/{p.name}" for p in root.glob("*/*") if p.parent.name in ("workers", "clients")}
+
+    assert made() == {"workers/worker-1", "clients/client-1"}
+    assert made("--worker", "gpu-a", "--client", "gateway") == {"workers/gpu-a", "clients/gateway"}
+    assert made("--client", "gateway") == {"workers/worker-1", "clients/gateway"}
+    assert made("--client", "gateway", "--clients", "1") == {"workers/worker-1", "clients/client-1", "clients/gateway"}
+    assert made("--workers", "0", "--clients", "0") == set()
 
 
 def test_bad_key_material_is_a_clear_error(tmp_path: Path, keys: Path) -> None:
@@ -189,3 +215,12 @@ def test_curve_admits_listed_keys_only_and_reloads_lists(processes: ProcessGroup
     assert "refused a connection on clients" in log
     assert "CURVE handshake failed" in log  # the plain client, and the one with another mesh's broker key
     assert broker.alive()
+
+
+def test_a_flood_of_fresh_keys_does_not_grow_the_refusal_log(tmp_path: Path) -> None:
+    allow_list = _AllowList("clients", tmp_path)
+    for _ in range(5 * MAX_REFUSED_KEYS_REMEMBERED):
+        public, _ = zmq.curve_keypair()
+        assert not allow_list.callback("clients", public)
+    assert allow_list.refusals == 5 * MAX_REFUSED_KEYS_REMEMBERED
+    assert allow_list.refused_keys_remembered <= MAX_REFUSED_KEYS_REMEMBERED

@@ -143,3 +143,29 @@ def test_up_reports_a_child_that_fails_to_start() -> None:
     assert "the worker exited with code 2" in result.stderr
     assert "must be at least 1" in result.stderr  # the tail of the worker's own log
     assert "Traceback" not in result.stderr
+
+
+def test_up_refuses_bad_ports_and_broker_urls_in_one_line() -> None:
+    # Caught before anything starts: argparse for the ports, the broker URL check for the broker.
+    for args, words in [
+        (("--api-port", "99999", "--no-ui"), "argument --api-port: expected a port from 1 to 65535"),
+        (("--ui-port", "-1"), "argument --ui-port: expected a port from 1 to 65535"),
+        (("--broker", "tcp://127.0.0.1:99999"), "PORT must be a number from 1 to 65532"),
+    ]:
+        result = _run_up(*args)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_log_dir_also_holds_the_uis_votes_and_flags(tmp_path: Path) -> None:
+    from mesh.cli import build_parser
+    from mesh.up import child_specs, config_from_args
+
+    def gradio_argv(*args: str) -> tuple[str, ...]:
+        config = config_from_args(build_parser().parse_args(["up", *args]))
+        return next(spec.argv for spec in child_specs(config) if spec.name == "gradio")
+
+    argv = gradio_argv("--log-dir", str(tmp_path), "--gradio-auth-path", str(tmp_path / "users.txt"))
+    assert argv[argv.index("--log-dir") + 1] == str(tmp_path / "gradio")
+    assert argv[argv.index("--gradio-auth-path") + 1] == str(tmp_path / "users.txt")
+    assert "--log-dir" not in gradio_argv()  # the UI's own default, ~/.local/state/llm-mesh/gradio
