@@ -149,17 +149,21 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     resume_token_ids: list[int] = []
 
 
-class TopLogprob(msgspec.Struct, array_like=True, gc=False):
+class TopLogprob(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     token_id: int
     token: str
     logprob: float
+    #: The token's bytes, where the engine knows them: a token that holds part of a character has
+    #: none of its own text (`token` is U+FFFD), but its bytes put the character back together.
+    raw: bytes | None = None
 
 
-class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     token_id: int
     token: str
     logprob: float | None  # None only for a prompt's first token
     top: list[TopLogprob] = []
+    raw: bytes | None = None  # as TopLogprob.raw
 
 
 class TokenChunk(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from gateways.openai import schemas
-from mesh.protocol import FinishReason, TokenLogprob
+from mesh.protocol import FinishReason, TokenLogprob, TopLogprob
 
 
 def _finite(value: float) -> float:
@@ -18,16 +18,21 @@ def _prompt_aware(value: float | None) -> float | None:
     return None if value is None else _finite(value)  # None: a prompt's first token
 
 
+def _token_bytes(item: TokenLogprob | TopLogprob) -> bytes:
+    """The token's own bytes where the engine sent them; its text's otherwise."""
+    return item.raw if item.raw is not None else item.token.encode()
+
+
 def chat_logprobs(items: list[TokenLogprob]) -> schemas.ChatLogprobs:
     return schemas.ChatLogprobs(
         content=[
             schemas.ChatLogprobItem(
                 token=item.token,
                 logprob=_finite(item.logprob),
-                bytes=list(item.token.encode()),
+                bytes=list(_token_bytes(item)),
                 top_logprobs=[
                     schemas.TopLogprobItem(
-                        token=top.token, logprob=_finite(top.logprob), bytes=list(top.token.encode())
+                        token=top.token, logprob=_finite(top.logprob), bytes=list(_token_bytes(top))
                     )
                     for top in item.top
                 ],

@@ -184,6 +184,12 @@ def token_logprobs(logits: torch.Tensor, token_id: int, top: int) -> tuple[float
     return float(logprobs[token_id]), alternatives
 
 
-def top_entries(alternatives: list[tuple[int, float]], decode_one: Callable[[int], str]) -> list[TopLogprob]:
-    """Turns (id, logprob) pairs into wire entries, `decode_one` naming each token."""
-    return [TopLogprob(token_id, decode_one(token_id), logprob) for token_id, logprob in alternatives]
+def top_entries(
+    alternatives: list[tuple[int, float]],
+    decode_one: Callable[[int], str],
+    raw_one: Callable[[int], bytes | None] = lambda _: None,
+) -> list[TopLogprob]:
+    """Turns (id, logprob) pairs into wire entries, `decode_one` naming each token, `raw_one` its bytes."""
+    return [
+        TopLogprob(token_id, decode_one(token_id), logprob, raw_one(token_id)) for token_id, logprob in alternatives
+    ]

@@ -41,6 +41,7 @@ from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, E
 from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.detokenize import IncrementalDetokenizer
 from mesh.engines.stop import StopMatcher
+from mesh.engines.vocabulary import raw_of, token_bytes_table
 from mesh.models import ModelError, resolve_model
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
 
@@ -171,6 +172,7 @@ class TransformersEngine(Engine):
         dtype = _DTYPES.get(self.config.dtype, "auto")  # checked above: only "auto" is not a key
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=True)
+        self._token_bytes = token_bytes_table(self._tokenizer)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, local_files_only=True)
         self._model = model.to(device).eval()
         self._device = device
@@ -421,7 +423,7 @@ class TransformersEngine(Engine):
         A forward of its own, in chunks of SCORE_CHUNK positions over its own cache, so that the
         full-vocabulary logits held at once stay bounded whatever the prompt's length.
         """
-        entries = [TokenLogprob(ids[0], self._token_text(ids[0]), None)]
+        entries = [TokenLogprob(ids[0], self._token_text(ids[0]), None, raw=self._token_raw(ids[0]))]
         cache = None
         for start in range(0, len(ids) - 1, SCORE_CHUNK):
             targets = ids[start + 1 : start + 1 + SCORE_CHUNK]
@@ -436,8 +438,9 @@ class TransformersEngine(Engine):
                 pairs = zip(best.tolist(), values.tolist(), strict=True)
                 alternatives = [list(zip(row_ids, row_values, strict=True)) for row_ids, row_values in pairs]
             for token_id, logprob, best_of_row in zip(targets, chosen, alternatives, strict=True):
-                top_entries = sampling.top_entries(best_of_row, self._token_text)
-                entries.append(TokenLogprob(token_id, self._token_text(token_id), logprob, top_entries))
+                top_entries = sampling.top_entries(best_of_row, self._token_text, self._token_raw)
+                text, raw = self._token_text(token_id), self._token_raw(token_id)
+                entries.append(TokenLogprob(token_id, text, logprob, top_entries, raw))
         return entries
 
     def _prefill_groups(self, joining: list[_Sequence]) -> list[list[_Sequence]]:
@@ -502,13 +505,15 @@ class TransformersEngine(Engine):
         logprob = None
         if seq.params.logprobs is not None:
             chosen, alternatives = sampling.token_logprobs(logits, token_id, seq.params.logprobs)
-            logprob = TokenLogprob(
-                token_id, self._token_text(token_id), chosen, sampling.top_entries(alternatives, self._token_text)
-            )
+            top = sampling.top_entries(alternatives, self._token_text, self._token_raw)
+            logprob = TokenLogprob(token_id, self._token_text(token_id), chosen, top, self._token_raw(token_id))
         return _Token(seq, token_id, logprob)
 
     def _token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _token_raw(self, token_id: int) -> bytes | None:
+        return raw_of(self._token_bytes, token_id)
 
     # ------------------------------------------------------------------ delivery (on the event loop)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.engines.sampling import validate
+from mesh.engines.vocabulary import raw_of, token_bytes_table
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
 log = logging.getLogger("mesh.engines.vllm")
@@ -144,8 +145,11 @@ def finish_reason(reason: str | None) -> FinishReason:
     return _FINISH_REASONS.get(reason or "", FinishReason.STOP)
 
 
-def token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]], top: int) -> list[TokenLogprob]:
-    """vLLM's per-position {token id: Logprob} maps -> the chosen token and its `top` best alternatives."""
+def token_logprobs(
+    token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]], top: int, token_bytes: list[bytes | None]
+) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps -> the chosen token and its `top` best alternatives
+    (`token_bytes`: a vocabulary.token_bytes_table(), for their bytes)."""
     result = []
     for token_id, entries in zip(token_ids, positions, strict=False):
         chosen = entries.get(token_id)
@@ -158,7 +162,8 @@ def token_logprobs(token_ids: Sequence[int], positions: Sequence[Mapping[int, An
                 token_id,
                 (chosen.decoded_token or "") if chosen is not None else "",
                 chosen.logprob if chosen is not None else float("-inf"),
-                [TopLogprob(tid, lp.decoded_token or "", lp.logprob) for tid, lp in best],
+                [TopLogprob(tid, lp.decoded_token or "", lp.logprob, raw_of(token_bytes, tid)) for tid, lp in best],
+                raw_of(token_bytes, token_id),
             )
         )
     return result
@@ -177,6 +182,7 @@ class VllmEngine(Engine):
         self._llm: Any = None
         self._reaper: subprocess.Popen[bytes] | None = None
         self._tokenizer: Any = None
+        self._token_bytes: list[bytes | None] = []
         self._sampling_params: Any = None
         self._delta: Any = None
         #: What vLLM raises for a request it refuses (its validation errors): bad_request, not internal.
@@ -223,6 +229,7 @@ class VllmEngine(Engine):
         self._reaper = start_reaper(os.getpid())
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer = self._llm.get_tokenizer()
+        self._token_bytes = token_bytes_table(self._tokenizer)
         self._context_length = self._llm.model_config.max_model_len
         self._vocab_size = self._llm.model_config.get_vocab_size()
         self._sampling_params, self._delta = SamplingParams, RequestOutputKind.DELTA
@@ -303,7 +310,9 @@ class VllmEngine(Engine):
                     produced += len(token_ids)
                     delta = EngineOutput(text=completion.text, token_ids=token_ids)
                     if request.logprobs is not None and completion.logprobs:
-                        delta.logprobs = token_logprobs(token_ids, completion.logprobs, request.logprobs)
+                        delta.logprobs = token_logprobs(
+                            token_ids, completion.logprobs, request.logprobs, self._token_bytes
+                        )
                     if output.finished:
                         delta.finish_reason = finish_reason(completion.finish_reason)
                         delta.prompt_tokens, delta.completion_tokens = len(prompt_ids), produced
@@ -317,8 +326,10 @@ class VllmEngine(Engine):
 
     def _prompt_entries(self, prompt_ids: list[int], output: Any, top: int) -> list[TokenLogprob]:
         """vLLM's prompt logprobs (None for the first position, which nothing predicts) as wire entries."""
-        first = TokenLogprob(prompt_ids[0], self._tokenizer.decode([prompt_ids[0]]), None)
-        return [first, *token_logprobs(prompt_ids[1:], output.prompt_logprobs[1:], top)]
+        first_id = prompt_ids[0]
+        first_raw = raw_of(self._token_bytes, first_id)
+        first = TokenLogprob(first_id, self._tokenizer.decode([first_id]), None, raw=first_raw)
+        return [first, *token_logprobs(prompt_ids[1:], output.prompt_logprobs[1:], top, self._token_bytes)]
 
     def _engine_input(self, token_ids: list[int]) -> Any:
         """Token ids as vLLM takes them: rendered by its renderer where it has one (vLLM >= 0.3x

@@ -151,11 +151,11 @@ def test_token_logprobs_keep_the_chosen_token_and_the_top_k() -> None:
         {7: _Logprob(-2.0, 3, " c"), 5: _Logprob(-0.5, 1, " a"), 6: _Logprob(-1.0, 2, " b")},
         {9: _Logprob(-0.1, 1, "!")},
     ]
-    first, second = token_logprobs([7, 9], positions, top=2)
+    first, second = token_logprobs([7, 9], positions, top=2, token_bytes=[])
     assert (first.token_id, first.token, first.logprob) == (7, " c", -2.0)
     assert [(t.token_id, t.logprob) for t in first.top] == [(5, -0.5), (6, -1.0)]
     assert (second.token_id, second.token, [t.token_id for t in second.top]) == (9, "!", [9])
-    assert token_logprobs([9], positions[1:], top=0)[0].top == []
+    assert token_logprobs([9], positions[1:], top=0, token_bytes=[])[0].top == []
     assert finish_reason("length") is FinishReason.LENGTH and finish_reason("abort") is FinishReason.ABORT
     assert finish_reason("stop") is FinishReason.STOP and finish_reason(None) is FinishReason.STOP
 

@@ -126,6 +126,27 @@ def test_logprobs(model_gateway: Gateway) -> None:
     assert logprobs.text_offset[text.usage.prompt_tokens] == len(prompt)
 
 
+def test_chat_logprob_bytes_put_split_characters_back_together(model_gateway: Gateway) -> None:
+    """Each emoji is several byte tokens, and each such token alone decodes to U+FFFD: `bytes` must be
+    the token's own bytes, so that joined they give the reply (OpenAI's reason for the field)."""
+    client = model_gateway.sdk(api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Repeat exactly: 🍕🍕🍕 😀😀😀"}],
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    text = reply.choices[0].message.content or ""
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and "🍕" in text
+    assert any(item.token == "\ufffd" for item in content)  # a piece of a character, as text
+    assert b"".join(bytes(item.bytes or []) for item in content).decode() == text
+    for item in content:
+        assert all(top.bytes for top in item.top_logprobs)
+
+
 def test_streamed_completion_logprobs_match_the_plain_ones(model_gateway: Gateway) -> None:
     """Text held back by a possible stop string arrives later, but its tokens' entries do not wait for it."""
     client = model_gateway.sdk(api_key=API_KEY)
