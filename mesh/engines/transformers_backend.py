@@ -280,6 +280,12 @@ class TransformersEngine(Engine):
             # after theirs: a seeded continuation is the one the lost worker would have sampled.
             sampling.skip_draws(generator, len(resumed))
         ignored = set() if request.ignore_eos else set(self._eos_ids)
+        detok, stop = IncrementalDetokenizer(self._decode, prompt_ids), StopMatcher(list(request.stop))
+        for token_id in resumed:
+            # The lost worker streamed these tokens' ids but may have held some of their text back (a
+            # possible stop string, half a character), so its client has not seen that text: replayed,
+            # it is held here again, to be released (or stopped on) with the tokens that follow.
+            stop.feed(detok.add(token_id))
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -288,8 +294,8 @@ class TransformersEngine(Engine):
             params=params,
             generator=generator,
             counts=sampling.TokenCounts(self._vocab_size, prompt_ids) if params.penalized else None,
-            detok=IncrementalDetokenizer(self._decode, prompt_ids + resumed),
-            stop=StopMatcher(list(request.stop)),
+            detok=detok,
+            stop=stop,
             stop_ids=frozenset(ignored | set(request.stop_token_ids)),
             prompt_top=request.prompt_logprobs if request.echo and not resumed else None,
         )

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from mesh.client import MeshClient
@@ -261,6 +262,28 @@ async def test_a_migrated_seeded_request_samples_what_the_lost_worker_would_have
     request.max_tokens = 10
     rest = await client.complete(request)
     assert rest.token_ids == full.token_ids[6:], "the seed's draws must continue, not start again"
+
+
+async def test_a_migration_releases_the_text_the_lost_worker_held_back(client: MeshClient) -> None:
+    """The lost worker streamed some tokens' ids but held their text back (it could begin the stop
+    string): after the handover that text still arrives, and a stop string spanning it still stops."""
+    base = chat("Write a short poem about the sea.", max_tokens=20, temperature=0)
+    words = (await client.complete(base)).text.split(" ")
+    request = msgspec.structs.replace(base, stop=[" " + " ".join(words[4:6])])  # a stop of two words or more
+    chunks = await _chunks(client, request)
+    whole = "".join(chunk.text for chunk in chunks)
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    ids = [token_id for chunk in chunks for token_id in chunk.token_ids]
+    seen, cuts = "", 0
+    for chunk in chunks[:-1]:  # the client's view after each delta: the text it has, the ids it would resume
+        seen += chunk.text
+        done = [token_id for c in chunks[: chunks.index(chunk) + 1] for token_id in c.token_ids]
+        resumed = msgspec.structs.replace(request, resume_token_ids=done, max_tokens=20 - len(done))
+        rest = await client.complete(resumed)
+        assert seen + rest.text == whole, f"after {len(done)} of {len(ids)} tokens"
+        assert rest.finish_reason is FinishReason.STOP
+        cuts += 1
+    assert cuts >= 3
 
 
 def test_cpu_threads_sets_the_workers_torch_threads(model_dir: Path, processes: ProcessGroup, broker_url: str) -> None:
