@@ -143,10 +143,18 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: token's logprob is None: nothing predicts it), with this many alternatives each.
     prompt_logprobs: int | None = None
     user: str | None = None
+    #: Which of a request's n choices this is: a worker's default seed (for requests that bring
+    #: none) is offset by it, so that the choices differ.
+    choice_index: int = 0
     #: A migrated request: completion tokens another worker already produced (and the client
     #: already streamed). The engine continues after them, as if it had generated them itself;
     #: max_tokens counts only what is still to come. Engines without `supports_resume` refuse it.
     resume_token_ids: list[int] = []
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """seed + offset, wrapped into the int64 range that seeds travel in."""
+    return (seed + offset + 2**63) % 2**64 - 2**63
 
 
 class TopLogprob(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):

@@ -43,6 +43,7 @@ from mesh.protocol import (
     decode,
     encode,
     error_frames,
+    offset_seed,
     pack_header,
     parse_header,
 )
@@ -219,7 +220,7 @@ class Worker:
             self._back.send(error_frames(request_id, ErrorCode.WORKER_UNAVAILABLE, reason, self.worker_id))
             return
         if request.seed is None and self.engine.config.seed is not None:
-            request.seed = self.engine.config.seed
+            request.seed = offset_seed(self.engine.config.seed, request.choice_index)
         task = asyncio.get_running_loop().create_task(self._serve(request_id, request))
         self._active[request_id] = task
         self._load_changed.set()

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 from gateways.openai.errors import ApiError, bad_request
 from gateways.openai.schemas import (
-    INT64_MAX,
     MAX_CHOICES,
     ChatCompletionRequest,
     ChatMessageParam,
     CompletionRequest,
     unsupported_parameters,
 )
-from mesh.protocol import ChatMessage, GenerateRequest
+from mesh.protocol import ChatMessage, GenerateRequest, offset_seed
 
 #: OpenAI's default for /v1/completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -55,10 +54,7 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 def choice_seed(seed: int | None, index: int) -> int | None:
     """Choice i of n uses seed + i, wrapped into int64 so that every choice stays valid."""
-    if seed is None:
-        return None
-    value = seed + index
-    return value - 2**64 if value > INT64_MAX else value
+    return None if seed is None else offset_seed(seed, index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +135,7 @@ def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_ma
                 max_tokens=budget.max_tokens,
                 fit_to_context=budget.fit_to_context,
                 seed=choice_seed(request.seed, i),
+                choice_index=i,
                 logprobs=logprobs,
                 **sampling,  # type: ignore[arg-type]
             ),
@@ -175,6 +172,7 @@ def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[
                 max_tokens=budget.max_tokens,
                 fit_to_context=budget.fit_to_context,
                 seed=choice_seed(request.seed, j),
+                choice_index=j,
                 logprobs=request.logprobs,
                 echo=request.echo,
                 prompt_logprobs=request.logprobs if request.echo else None,

@@ -13,6 +13,7 @@ vLLM's default, so they do not change with sampling settings.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,20 +52,23 @@ class SamplingParams:
 
 def validate(request: GenerateRequest) -> str | None:
     """The reason a request's sampling settings are unusable, or None."""
-    if request.temperature < 0:
-        return f"temperature must be >= 0, got {request.temperature}"
+    # Written so that NaN fails every check: a NaN compares false with anything.
+    if not (0 <= request.temperature < math.inf):
+        return f"temperature must be a number >= 0, got {request.temperature}"
     if not 0 < request.top_p <= 1:
         return f"top_p must be in (0, 1], got {request.top_p}"
     if request.top_k < 0:
         return f"top_k must be >= 0 (0: off), got {request.top_k}"
-    if request.repetition_penalty <= 0:
-        return f"repetition_penalty must be > 0, got {request.repetition_penalty}"
+    if not (0 < request.repetition_penalty < math.inf):
+        return f"repetition_penalty must be a number > 0, got {request.repetition_penalty}"
     if not -2 <= request.presence_penalty <= 2:
         return f"presence_penalty must be in [-2, 2], got {request.presence_penalty}"
     if not -2 <= request.frequency_penalty <= 2:
         return f"frequency_penalty must be in [-2, 2], got {request.frequency_penalty}"
     if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
         return f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.logprobs}"
+    if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        return f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.prompt_logprobs}"
     if request.max_tokens < 0:
         return f"max_tokens must be >= 0, got {request.max_tokens}"
     return None

@@ -123,7 +123,9 @@ def sampling_arguments(request: GenerateRequest, seed: int | None) -> dict[str, 
         "stop": list(request.stop) or None,
         "stop_token_ids": list(request.stop_token_ids) or None,
         "ignore_eos": request.ignore_eos,
-        "seed": seed,
+        # vLLM reads seed -1 as "no seed"; a negative seed is given as the number torch's manual_seed
+        # maps it to itself, so every seed keeps its own fixed generator.
+        "seed": seed if seed is None or seed >= 0 else seed + 2**64 - 1,
         "logprobs": request.logprobs,
     }
 

@@ -103,7 +103,20 @@ def test_logprobs_are_the_models_distribution() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -1.0), ("top_p", 0.0), ("top_k", -1), ("logprobs", 21), ("presence_penalty", 3.0)],
+    [
+        ("temperature", -1.0),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("top_p", 0.0),
+        ("top_p", math.nan),
+        ("top_k", -1),
+        ("logprobs", 21),
+        ("prompt_logprobs", 60000),
+        ("prompt_logprobs", -1),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", math.nan),
+        ("repetition_penalty", math.nan),
+    ],
 )
 def test_validate_names_the_bad_setting(field: str, value: object) -> None:
     request = GenerateRequest(model="m", prompt="x", **{field: value})  # type: ignore[arg-type]

@@ -96,6 +96,15 @@ def test_engine_arguments_on_cpu_bound_the_kv_cache() -> None:
     assert args["kv_cache_memory_bytes"] == 5 and args["enforce_eager"] is False
 
 
+def test_every_seed_stays_a_seed_for_vllm() -> None:
+    request = GenerateRequest(model="m", prompt="x")
+    assert sampling_arguments(request, seed=None)["seed"] is None
+    assert sampling_arguments(request, seed=0)["seed"] == 0
+    # vLLM takes -1 for "no seed": negative seeds go as torch's manual_seed would map them.
+    assert sampling_arguments(request, seed=-1)["seed"] == 2**64 - 2
+    assert sampling_arguments(request, seed=-(2**63))["seed"] == 2**63 - 1
+
+
 def test_sampling_arguments_carry_every_request_field() -> None:
     request = GenerateRequest(
         model="m",

@@ -140,6 +140,23 @@ async def test_requests_dropped_for_a_client_that_stopped_reading_end_with_an_er
         ctx.destroy(linger=0)
 
 
+async def test_a_workers_default_seed_differs_per_choice_and_repeats(processes: ProcessGroup, broker_url: str) -> None:
+    """A worker's --seed serves requests that bring none: the n choices of one request differ, and
+    the same request gives the same choices again."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--seed", "5")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+
+        async def choices() -> list[str]:
+            requests = [request(max_tokens=8, choice_index=i) for i in range(3)]
+            return [c.text for c in await asyncio.gather(*(client.complete(r) for r in requests))]
+
+        first = await choices()
+        assert len(set(first)) == 3
+        assert await choices() == first
+
+
 async def test_closing_the_client_ends_its_open_streams(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     processes.synthetic_worker(broker_url, "w1", "--itl-ms", "50")

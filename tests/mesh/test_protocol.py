@@ -20,6 +20,7 @@ from mesh.protocol import (
     decode,
     encode,
     new_request_id,
+    offset_seed,
     pack_header,
     parse_header,
 )
@@ -85,3 +86,9 @@ def test_malformed_bodies_raise_protocol_error(body: bytes, type_: type) -> None
 def test_unknown_fields_are_tolerated_for_forward_compatibility() -> None:
     body = msgspec.msgpack.encode({"model": "m", "a_future_field": 1})
     assert decode(body, GenerateRequest).model == "m"
+
+
+def test_seed_offsets_wrap_within_int64() -> None:
+    assert offset_seed(5, 2) == 7
+    assert offset_seed(2**63 - 1, 1) == -(2**63)
+    assert offset_seed(-(2**63), 0) == -(2**63)
