@@ -108,6 +108,11 @@ class _ConnectionDropped(WorkerLostError):
     either way, so the request moves on (a new id), unstarted or not."""
 
 
+class _FramesLost(_ConnectionDropped):
+    """A frame of the request arrived with a number missing before it: frames were lost on the way
+    (a connection that dropped and was redialled), so the request moves on from the tokens before."""
+
+
 class _LostMidStream(Exception):
     """Internal: the broker reported the request's worker lost; generate() may migrate it."""
 
@@ -123,7 +128,7 @@ class _Stream:
     without suspending, and a waiting reader costs one future.
     """
 
-    __slots__ = ("answered", "buffered_bytes", "items", "submit_frames", "waiter")
+    __slots__ = ("answered", "buffered_bytes", "items", "next_seq", "submit_frames", "waiter")
 
     def __init__(self, submit_frames: list[bytes]) -> None:
         self.items: deque[list[bytes] | MeshError] = deque()
@@ -131,6 +136,14 @@ class _Stream:
         self.waiter: asyncio.Future[None] | None = None
         self.submit_frames = submit_frames  # kept to re-submit to a restarted broker
         self.answered = False
+        self.next_seq = 1  # the number the next TOKENS or DONE frame must carry
+
+    def check_seq(self, seq: int) -> bool:
+        """Whether a frame numbered `seq` is the next one (0: not numbered, taken as it comes)."""
+        if seq and seq != self.next_seq:
+            return False
+        self.next_seq += 1 if seq else 0
+        return True
 
     def put(self, item: list[bytes] | MeshError) -> None:
         self.items.append(item)
@@ -274,6 +287,7 @@ class MeshClient:
         already streamed (GenerateRequest.resume_token_ids), at most MAX_MIGRATIONS times; the
         caller sees one uninterrupted stream. Otherwise it ends with WorkerLostError."""
         produced: list[int] = []
+        shown_chars = 0  # of the produced tokens' text (the echo is not theirs)
         current = request
         migrations = 0
         yielded = False
@@ -283,6 +297,8 @@ class MeshClient:
                 async with contextlib.aclosing(self._stream_once(current, timeout)) as stream:
                     async for chunk in stream:
                         produced.extend(chunk.token_ids)
+                        if chunk.token_ids or chunk.finish_reason is not None:
+                            shown_chars += len(chunk.text)  # a chunk with neither is the echo
                         yielded = True
                         yield chunk
                 return
@@ -295,7 +311,7 @@ class MeshClient:
                 remaining = request.max_tokens - len(produced)
                 # Unstarted requests of a lost worker were retried by the broker already; those of a
                 # dropped connection the broker may never have seen.
-                movable = produced or isinstance(lost.error, _ConnectionDropped)
+                movable = produced or yielded or isinstance(lost.error, _ConnectionDropped)
                 if not self.migrate or not movable or remaining <= 0 or migrations >= MAX_MIGRATIONS:
                     raise lost.error from None
                 migrations += 1
@@ -303,6 +319,7 @@ class MeshClient:
                 current = msgspec.structs.replace(
                     request,
                     resume_token_ids=[*request.resume_token_ids, *produced],
+                    resume_text_chars=request.resume_text_chars + shown_chars,
                     max_tokens=remaining,
                     echo=request.echo and not yielded,
                 )
@@ -340,7 +357,10 @@ class MeshClient:
                         raise _LostMidStream(item)
                     raise item
                 try:
-                    chunk = self._chunk(item)
+                    chunk, seq = self._chunk(item)
+                    if not stream.check_seq(seq):
+                        # Not finished: the request may still run on its worker, and is cancelled below.
+                        raise _LostMidStream(_FramesLost(f"frames of the request were lost before frame {seq}"))
                     if stream.items and chunk.finish_reason is None:
                         chunk = self._merge_waiting(chunk, stream)
                 except WorkerLostError as exc:
@@ -381,6 +401,8 @@ class MeshClient:
         A reader slower than its worker then takes one delta instead of a backlog of tiny ones:
         one SSE event and one write instead of many. An error stays queued for the next read.
         """
+        if not chunk.token_ids:
+            return chunk  # the echo stays a chunk of its own: its text is the prompt's, not the tokens'
         texts = [chunk.text]
         token_ids = list(chunk.token_ids)
         logprobs = list(chunk.logprobs) if chunk.logprobs else None
@@ -389,8 +411,11 @@ class MeshClient:
             frames = stream.items[0]
             if isinstance(frames, MeshError) or parse_header(frames[0])[0] not in _DELTA_KINDS:
                 break
+            merged_next, seq = cls._chunk(frames)
+            if not stream.check_seq(seq):
+                break  # left waiting: the next read reports the gap
             stream.take()
-            merged = cls._chunk(frames)
+            merged = merged_next
             texts.append(merged.text)
             token_ids.extend(merged.token_ids)
             if merged.logprobs:
@@ -402,15 +427,17 @@ class MeshClient:
         return Chunk("".join(texts), token_ids, logprobs, merged.finish_reason, merged.usage, merged.worker_id)
 
     @staticmethod
-    def _chunk(frames: list[bytes]) -> Chunk:
+    def _chunk(frames: list[bytes]) -> tuple[Chunk, int]:
+        """A TOKENS or DONE frame as a Chunk, with its number (TokenChunk.seq); raises for an ERROR."""
         kind, _ = parse_header(frames[0])
         if kind is Kind.TOKENS:
             tokens = decode(frames[1], TokenChunk)
-            return Chunk(tokens.text, tokens.token_ids, tokens.logprobs)
+            return Chunk(tokens.text, tokens.token_ids, tokens.logprobs), tokens.seq
         if kind is Kind.DONE:
             done = decode(frames[1], Done)
             usage = Usage(done.prompt_tokens, done.completion_tokens)
-            return Chunk(done.text, done.token_ids, done.logprobs, done.finish_reason, usage, done.worker_id)
+            chunk = Chunk(done.text, done.token_ids, done.logprobs, done.finish_reason, usage, done.worker_id)
+            return chunk, done.seq
         if kind is Kind.ERROR:
             reply = decode(frames[1], ErrorReply)
             raise error_for_code(reply.code, reply.message)

@@ -150,6 +150,9 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: already streamed). The engine continues after them, as if it had generated them itself;
     #: max_tokens counts only what is still to come. Engines without `supports_resume` refuse it.
     resume_token_ids: list[int] = []
+    #: Characters of those tokens' text the client has received: what the lost worker still held
+    #: back (a possible stop string, half a character) the new one sends first.
+    resume_text_chars: int = 0
 
 
 def offset_seed(seed: int, offset: int) -> int:
@@ -180,6 +183,9 @@ class TokenChunk(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
+    #: The frame's number in its request, from 1 (0: not numbered). A client that finds a number
+    #: missing knows frames were lost on the way (a connection that dropped) and moves the request on.
+    seq: int = 0
 
 
 class Done(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
@@ -192,6 +198,7 @@ class Done(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     text: str = ""
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    seq: int = 0  # as TokenChunk.seq: one more than the request's last TOKENS frame
 
 
 class ErrorReply(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -118,6 +119,7 @@ class Worker:
         self._speed = _SpeedMeter()
         self._tokens_per_s = 0.0
         self._seq = 0
+        self._runs = itertools.count()
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         #: Send tasks of closed back sockets, cancelled: awaited before the worker exits.
@@ -254,19 +256,26 @@ class Worker:
     async def _serve(self, request_id: bytes, request: GenerateRequest) -> None:
         send = self._back.send
         tokens_header = pack_header(Kind.TOKENS, request_id)
+        seq = 0  # frames sent (TokenChunk.seq)
+        # The engine's id for this run: unique, because the same request may come back to this process
+        # (after a dropped connection) while this run's cancellation still unwinds.
+        engine_id = f"{request_id.hex()}-{next(self._runs)}"
         try:
             # Closed on every way out, so a reply refused here frees the request's slot at once.
-            async with contextlib.aclosing(self.engine.generate(request, request_id.hex())) as outputs:
+            async with contextlib.aclosing(self.engine.generate(request, engine_id)) as outputs:
                 async for output in outputs:
                     if output.finish_reason is not None:
-                        send([pack_header(Kind.DONE, request_id), _within_limit(encode(self._done(output)))])
+                        done = self._done(output, seq + 1)
+                        send([pack_header(Kind.DONE, request_id), _within_limit(encode(done))])
                         break
                     if output.text or output.token_ids:
-                        body = _within_limit(encode(TokenChunk(output.text, output.token_ids, output.logprobs)))
+                        seq += 1
+                        chunk = TokenChunk(output.text, output.token_ids, output.logprobs, seq)
+                        body = _within_limit(encode(chunk))
                         send([tokens_header, body])
                         self._speed.add(len(output.token_ids), time.monotonic())
         except asyncio.CancelledError:
-            await self.engine.abort(request_id.hex())
+            await self.engine.abort(engine_id)
             raise
         except EngineError as exc:
             send(error_frames(request_id, exc.code, exc.message, self.worker_id))
@@ -274,10 +283,11 @@ class Worker:
             log.exception("request %s failed", request_id.hex())
             send(error_frames(request_id, ErrorCode.INTERNAL, f"engine failure: {exc}", self.worker_id))
         finally:
-            self._active.pop(request_id, None)
+            if self._active.get(request_id) is asyncio.current_task():  # not a later run of the same id
+                del self._active[request_id]
             self._load_changed.set()
 
-    def _done(self, output: EngineOutput) -> Done:
+    def _done(self, output: EngineOutput, seq: int) -> Done:
         self._speed.add(len(output.token_ids), time.monotonic())
         return Done(
             output.finish_reason,  # type: ignore[arg-type]
@@ -287,6 +297,7 @@ class Worker:
             output.text,
             output.token_ids,
             output.logprobs,
+            seq,
         )
 
     # ------------------------------------------------------------------ announcements

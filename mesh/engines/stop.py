@@ -7,7 +7,10 @@ and everything from it on is dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from mesh.engines.detokenize import IncrementalDetokenizer
 
 
 @dataclass(slots=True)
@@ -41,6 +44,40 @@ class StopMatcher:
         """The held-back text, released when the request ends for another reason."""
         text, self._held = self._held, ""
         return text
+
+
+class TextStream:
+    """A request's output text, token by token: detokenized, with stop strings applied.
+
+    A migrated request passes the tokens another worker already streamed (`resumed`) and how many
+    characters of their text its client received (`shown_chars`). That worker sent their ids at once
+    but may have held part of their text back (a possible stop string, half a character): the rest
+    of their text goes out first, through the stop strings, with the tokens that follow.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        prompt_ids: list[int],
+        stops: Sequence[str],
+        resumed: Sequence[int] = (),
+        shown_chars: int = 0,
+    ) -> None:
+        self._detok = IncrementalDetokenizer(decode, prompt_ids)
+        self._stop = StopMatcher(list(stops))
+        #: Text of the resumed tokens that the client has not received, not yet through the stop strings.
+        self._owed = "".join(self._detok.add(token_id) for token_id in resumed)[shown_chars:]
+
+    def add(self, token_id: int) -> StopResult:
+        """The text one more token lets out, and whether a stop string ended the output."""
+        owed, self._owed = self._owed, ""
+        return self._stop.feed(owed + self._detok.add(token_id))
+
+    def finish(self) -> str:
+        """What was held back, when the output ends for another reason (length, EOS)."""
+        owed, self._owed = self._owed, ""
+        result = self._stop.feed(owed + self._detok.flush())
+        return result.text if result.stopped else result.text + self._stop.flush()
 
 
 def held_back_length(text: str, stops: list[str], longest: int) -> int:

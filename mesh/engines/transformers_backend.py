@@ -39,8 +39,7 @@ import torch
 from mesh.engines import sampling
 from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.engines.batching import BatchState, prefill_inputs
-from mesh.engines.detokenize import IncrementalDetokenizer
-from mesh.engines.stop import StopMatcher
+from mesh.engines.stop import TextStream
 from mesh.engines.vocabulary import raw_of, token_bytes_table
 from mesh.models import ModelError, resolve_model
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
@@ -92,8 +91,7 @@ class _Sequence:
     params: sampling.SamplingParams
     generator: torch.Generator
     counts: sampling.TokenCounts | None
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
+    text: TextStream
     stop_ids: frozenset[int]
     output_ids: list[int] = field(default_factory=list)
     batch: BatchState | None = None
@@ -280,12 +278,6 @@ class TransformersEngine(Engine):
             # after theirs: a seeded continuation is the one the lost worker would have sampled.
             sampling.skip_draws(generator, len(resumed))
         ignored = set() if request.ignore_eos else set(self._eos_ids)
-        detok, stop = IncrementalDetokenizer(self._decode, prompt_ids), StopMatcher(list(request.stop))
-        for token_id in resumed:
-            # The lost worker streamed these tokens' ids but may have held some of their text back (a
-            # possible stop string, half a character), so its client has not seen that text: replayed,
-            # it is held here again, to be released (or stopped on) with the tokens that follow.
-            stop.feed(detok.add(token_id))
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -294,8 +286,7 @@ class TransformersEngine(Engine):
             params=params,
             generator=generator,
             counts=sampling.TokenCounts(self._vocab_size, prompt_ids) if params.penalized else None,
-            detok=detok,
-            stop=stop,
+            text=TextStream(self._decode, prompt_ids, request.stop, resumed, request.resume_text_chars),
             stop_ids=frozenset(ignored | set(request.stop_token_ids)),
             prompt_top=request.prompt_logprobs if request.echo and not resumed else None,
         )
@@ -345,8 +336,7 @@ class TransformersEngine(Engine):
         seq.finished = True
         if reason is not FinishReason.ABORT:
             # Release what was held back: an incomplete character, or text that might have begun a stop string.
-            result = seq.stop.feed(seq.detok.flush())
-            seq.pending.text += result.text + ("" if result.stopped else seq.stop.flush())
+            seq.pending.text += seq.text.finish()
         seq.pending.finish_reason = reason
         seq.pending.prompt_tokens = len(seq.prompt_ids)
         seq.pending.completion_tokens = len(seq.output_ids)
@@ -531,7 +521,7 @@ class TransformersEngine(Engine):
         if token.token_id in seq.stop_ids:
             self._finish(seq, FinishReason.STOP)
             return
-        result = seq.stop.feed(seq.detok.add(token.token_id))
+        result = seq.text.add(token.token_id)
         pending.text += result.text
         pending.token_ids.append(token.token_id)
         if token.logprob is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
 from mesh.engines.sampling import validate
+from mesh.engines.stop import TextStream
 from mesh.engines.vocabulary import raw_of, token_bytes_table
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
@@ -128,6 +129,17 @@ def sampling_arguments(request: GenerateRequest, seed: int | None) -> dict[str, 
         "seed": seed if seed is None or seed >= 0 else seed + 2**64 - 1,
         "logprobs": request.logprobs,
     }
+
+
+def _through(text_stream: TextStream, token_ids: list[int]) -> tuple[list[int], str, bool]:
+    """New tokens through a TextStream: those up to a stop string, their text, and whether one ended it."""
+    text = ""
+    for count, token_id in enumerate(token_ids, 1):
+        result = text_stream.add(token_id)
+        text += result.text
+        if result.stopped:
+            return token_ids[:count], text, True
+    return token_ids, text, False
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
@@ -271,13 +283,21 @@ class VllmEngine(Engine):
         prompt_ids, prompt_text = await self._tokenize(request)
         # A migrated request continues after the tokens another worker produced: they extend the prompt.
         # vLLM offers no way to move a seeded request's generator past their draws, so a sampled
-        # continuation starts its draws afresh (the transformers backend skips them).
+        # continuation starts its draws afresh (the transformers backend skips them), and it counts
+        # them as prompt, not output, for presence and frequency penalties.
         resumed = list(request.resume_token_ids)
         request = fit_to_context(request, len(prompt_ids), self._context_length)
         check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
         seed = request.seed if request.seed is not None else self.config.seed
         prompt_top = request.prompt_logprobs if request.echo and not resumed else None
         arguments = sampling_arguments(request, seed)
+        # vLLM's text starts after the prompt, and the resumed tokens are prompt to it: their text the
+        # lost worker held back, and a stop string that spans the handover, are handled here instead.
+        text_stream = (
+            TextStream(self._decode, prompt_ids, request.stop, resumed, request.resume_text_chars) if resumed else None
+        )
+        if text_stream is not None:
+            arguments["stop"] = None
         if prompt_top is not None:
             arguments.update(prompt_logprobs=prompt_top, max_tokens=max(request.max_tokens, 1))
         try:
@@ -309,22 +329,33 @@ class VllmEngine(Engine):
                             return
                     completion = output.outputs[0]
                     token_ids = list(completion.token_ids)
+                    text = completion.text
+                    finish = finish_reason(completion.finish_reason) if output.finished else None
+                    if text_stream is not None:
+                        token_ids, text, stopped = _through(text_stream, token_ids)
+                        if stopped:
+                            finish = FinishReason.STOP  # returning below aborts the request in vLLM
+                        elif finish is not None:
+                            text += text_stream.finish()
                     produced += len(token_ids)
-                    delta = EngineOutput(text=completion.text, token_ids=token_ids)
+                    delta = EngineOutput(text=text, token_ids=token_ids)
                     if request.logprobs is not None and completion.logprobs:
                         delta.logprobs = token_logprobs(
                             token_ids, completion.logprobs, request.logprobs, self._token_bytes
                         )
-                    if output.finished:
-                        delta.finish_reason = finish_reason(completion.finish_reason)
+                    if finish is not None:
+                        delta.finish_reason = finish
                         delta.prompt_tokens, delta.completion_tokens = len(prompt_ids), produced
                     yield delta
-                    if output.finished:
+                    if finish is not None:
                         return
         except self._refusals as exc:  # vLLM's request validation
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         finally:
             self._requests.pop(request_id, None)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def _prompt_entries(self, prompt_ids: list[int], output: Any, top: int) -> list[TokenLogprob]:
         """vLLM's prompt logprobs (None for the first position, which nothing predicts) as wire entries."""

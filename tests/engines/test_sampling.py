@@ -10,7 +10,7 @@ import torch
 from mesh.engines import sampling
 from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.detokenize import IncrementalDetokenizer
-from mesh.engines.stop import StopMatcher
+from mesh.engines.stop import StopMatcher, TextStream
 from mesh.protocol import GenerateRequest
 
 VOCAB = 50
@@ -251,3 +251,23 @@ def test_draws_follow_the_distribution_and_skip_impossible_tokens() -> None:
     draws = [sampling.draw(probs, generator) for _ in range(2000)]
     assert set(draws) == {1, 3}
     assert 0.65 < draws.count(1) / len(draws) < 0.75
+
+
+_PIECES = ["The", " waves", " of", " the", " ocean", ",", " a", " tap", "estry"]
+
+
+def _decode(ids: list[int]) -> str:
+    return "".join(_PIECES[i] for i in ids)
+
+
+def test_a_resumed_text_stream_sends_what_the_client_has_not_seen_through_the_stops() -> None:
+    # The lost worker released "The waves of the ocean" and held "," and " a" back (" a tapestry"
+    # could be beginning); its client resumes with six tokens and 22 characters.
+    stream = TextStream(_decode, [], [" a tapestry"], resumed=[0, 1, 2, 3, 4, 5, 6], shown_chars=22)
+    first = stream.add(7)
+    assert (first.text, first.stopped) == (",", False)  # " a tap" is held: the stop may be starting
+    last = stream.add(8)
+    assert (last.text, last.stopped) == ("", True)  # the stop string spans the handover
+    plain = TextStream(_decode, [], [], resumed=[0, 1], shown_chars=4)  # " waves" not yet shown in full
+    assert plain.add(2).text == "waves of"
+    assert TextStream(_decode, [], [], resumed=[0, 1], shown_chars=10).finish() == ""

@@ -278,7 +278,9 @@ async def test_a_migration_releases_the_text_the_lost_worker_held_back(client: M
     for chunk in chunks[:-1]:  # the client's view after each delta: the text it has, the ids it would resume
         seen += chunk.text
         done = [token_id for c in chunks[: chunks.index(chunk) + 1] for token_id in c.token_ids]
-        resumed = msgspec.structs.replace(request, resume_token_ids=done, max_tokens=20 - len(done))
+        resumed = msgspec.structs.replace(
+            request, resume_token_ids=done, resume_text_chars=len(seen), max_tokens=20 - len(done)
+        )
         rest = await client.complete(resumed)
         assert seen + rest.text == whole, f"after {len(done)} of {len(ids)} tokens"
         assert rest.finish_reason is FinishReason.STOP

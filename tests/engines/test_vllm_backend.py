@@ -359,6 +359,26 @@ def test_a_migrated_request_continues_after_its_tokens(vllm_mesh: VllmMesh) -> N
 
 
 @pytest.mark.vllm
+def test_a_migration_releases_the_text_the_lost_worker_held_back(vllm_mesh: VllmMesh) -> None:
+    """The lost worker held back text that could begin the stop string: after the handover it still
+    arrives, and the stop string spanning the handover still stops."""
+    base = _chat("Write a short poem about the sea.", temperature=0, max_tokens=20)
+    words = _text(asyncio.run(_stream(vllm_mesh.url, base))).split(" ")
+    request = GenerateRequest(**{**_fields(base), "stop": [" " + " ".join(words[4:6])]})
+    chunks = asyncio.run(_stream(vllm_mesh.url, request))
+    whole = _text(chunks)
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    for cut in range(1, len(chunks) - 1):
+        done = [t for chunk in chunks[:cut] for t in chunk.token_ids]
+        shown = len(_text(chunks[:cut]))
+        fields = {"resume_token_ids": done, "resume_text_chars": shown, "max_tokens": 20 - len(done)}
+        moved = GenerateRequest(**{**_fields(request), **fields})
+        rest = asyncio.run(_stream(vllm_mesh.url, moved))
+        assert _text(chunks[:cut]) + _text(rest) == whole, f"after {len(done)} tokens"
+        assert rest[-1].finish_reason is FinishReason.STOP
+
+
+@pytest.mark.vllm
 def test_cancel_frees_the_slot(vllm_mesh: VllmMesh) -> None:
     long = GenerateRequest(model=MODEL, prompt="Count: 1, 2,", max_tokens=4000, ignore_eos=True, temperature=0)
 
