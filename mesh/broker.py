@@ -118,6 +118,7 @@ class Broker:
         #: announcements still in flight on the bus must not bring them back.
         self._departed: dict[bytes, float] = {}
         self._revoked_logged: dict[str | None, float] = {}
+        self._duplicate_logged: dict[bytes, float] = {}
         #: Last words (error frames) for clients whose connection was full when they were due:
         #: sent as soon as the client reads again, so that no request of theirs ends in silence.
         self._owed: dict[bytes, deque[list[bytes]]] = {}
@@ -540,6 +541,18 @@ class Broker:
         worker = self._workers.get(worker_id)
         if worker is None and announcement.draining:
             return  # a draining worker takes no new work: no need to learn it
+        if worker is not None and announcement.started_at < worker.announcement.started_at:
+            # An older incarnation than the one in place: two live processes share a --worker-id (or a
+            # clock went back). Taking turns would bury each at every heartbeat: the newer one serves.
+            self.dropped["older_incarnation"] += 1
+            if time.monotonic() - self._duplicate_logged.get(worker_id, float("-inf")) >= REFUSAL_LOG_INTERVAL:
+                self._duplicate_logged[worker_id] = time.monotonic()
+                log.warning(
+                    "two workers announce the id %s (started at %.3f and %.3f): the newer one serves; "
+                    "give each worker its own --worker-id",
+                    announcement.worker_id, announcement.started_at, worker.announcement.started_at,
+                )
+            return
         if worker is not None and worker.announcement.started_at != announcement.started_at:
             # A new incarnation (a restart, or a worker whose connection dropped): the old one's work
             # is gone. The new one takes its place first, so that its requests can be retried on it.

@@ -157,6 +157,24 @@ async def test_a_workers_default_seed_differs_per_choice_and_repeats(processes: 
         assert await choices() == first
 
 
+async def test_two_workers_with_one_id_do_not_take_turns(processes: ProcessGroup, broker_url: str) -> None:
+    """A --worker-id given twice: the newer process serves, the older one is ignored (and reported),
+    instead of each burying the other at every heartbeat with the requests in flight."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "twin", "--itl-ms", "20")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        second = processes.synthetic_worker(broker_url, "twin", "--itl-ms", "20")
+        deadline = time.monotonic() + 30
+        while "serving" not in second.output():
+            assert time.monotonic() < deadline and second.alive(), second.output()
+            await asyncio.sleep(0.1)
+        streams = (client.complete(request(max_tokens=50)) for _ in range(10))
+        results = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        assert all(r.finish_reason is FinishReason.LENGTH for r in results)
+        assert client.broker_info is not None and client.broker_info.dropped.get("older_incarnation", 0) > 0
+
+
 async def test_closing_the_client_ends_its_open_streams(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     processes.synthetic_worker(broker_url, "w1", "--itl-ms", "50")
