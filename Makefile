@@ -18,6 +18,7 @@ run: $(STAMP)
 test: $(STAMP)
 	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will skip"
 	$(PY) -m ruff check mesh gateways bench tests
+	$(PY) -m ruff format --check mesh gateways bench tests
 	$(PY) -m pytest -q
 
 install: $(STAMP)

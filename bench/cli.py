@@ -31,15 +31,23 @@ def _concurrency_list(value: str) -> list[int]:
 
 
 def _common(p: argparse.ArgumentParser, profiled: bool = False) -> None:
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help=f"where JSON, tables, plots and process logs go (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        help=f"where JSON, tables, plots and process logs go (default: {DEFAULT_OUT})",
+    )
     p.add_argument("--quick", action="store_true", help="a reduced run for a smoke check (under a minute)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny counts, for CI
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_cpu_latency_option(p)
     if profiled:
-        p.add_argument("--profile", action="store_true",
-                       help="sample the mesh processes with py-spy; OUT/profile-*.txt says where the time goes")
+        p.add_argument(
+            "--profile",
+            action="store_true",
+            help="sample the mesh processes with py-spy; OUT/profile-*.txt says where the time goes",
+        )
 
 
 # ---------------------------------------------------------------------- suites
@@ -49,8 +57,15 @@ async def _relay(args: argparse.Namespace) -> SuiteResult:
     from bench import relay
 
     frames = 2_000 if args.smoke else 50_000 if args.quick else args.frames
-    return await relay.run(args.out, frames=frames, streams=args.streams, coalesce=args.coalesce,
-                           max_seconds=args.max_seconds, progress=not args.no_progress, profile=args.profile)
+    return await relay.run(
+        args.out,
+        frames=frames,
+        streams=args.streams,
+        coalesce=args.coalesce,
+        max_seconds=args.max_seconds,
+        progress=not args.no_progress,
+        profile=args.profile,
+    )
 
 
 async def _roundtrip(args: argparse.Namespace) -> SuiteResult:
@@ -69,9 +84,17 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
         levels, requests, tokens = [1, 8, 32, 64], 64, 16
     else:
         levels, requests, tokens = args.concurrency, args.requests, args.max_tokens
-    return await overhead.run(args.out, levels=levels, requests=requests, max_tokens=tokens,
-                              gateway=not args.no_gateway, max_seconds=args.max_seconds,
-                              progress=not args.no_progress, profile=args.profile, pin=args.pin)
+    return await overhead.run(
+        args.out,
+        levels=levels,
+        requests=requests,
+        max_tokens=tokens,
+        gateway=not args.no_gateway,
+        max_seconds=args.max_seconds,
+        progress=not args.no_progress,
+        profile=args.profile,
+        pin=args.pin,
+    )
 
 
 def _serve_sizes(args: argparse.Namespace) -> tuple[list[int], int, float]:
@@ -86,18 +109,34 @@ async def _serve(args: argparse.Namespace) -> SuiteResult:
     from bench import serve
 
     levels, per_stream, max_seconds = _serve_sizes(args)
-    return await serve.run(args.out, backend=args.backend, target=args.target, model=args.model, levels=levels,
-                           requests_per_stream=per_stream, max_tokens=args.max_tokens, max_seconds=max_seconds,
-                           progress=not args.no_progress)
+    return await serve.run(
+        args.out,
+        backend=args.backend,
+        target=args.target,
+        model=args.model,
+        levels=levels,
+        requests_per_stream=per_stream,
+        max_tokens=args.max_tokens,
+        max_seconds=max_seconds,
+        progress=not args.no_progress,
+    )
 
 
 async def _compare(args: argparse.Namespace) -> SuiteResult:
     from bench import compare
 
     levels, per_stream, max_seconds = _serve_sizes(args)
-    return await compare.run(args.out, targets=args.target or [], with_vllm_server=args.with_vllm_server,
-                             levels=levels, requests_per_stream=per_stream, max_tokens=args.max_tokens,
-                             max_seconds=max_seconds, rounds=args.rounds, progress=not args.no_progress)
+    return await compare.run(
+        args.out,
+        targets=args.target or [],
+        with_vllm_server=args.with_vllm_server,
+        levels=levels,
+        requests_per_stream=per_stream,
+        max_tokens=args.max_tokens,
+        max_seconds=max_seconds,
+        rounds=args.rounds,
+        progress=not args.no_progress,
+    )
 
 
 async def _all(args: argparse.Namespace) -> SuiteResult:
@@ -107,7 +146,11 @@ async def _all(args: argparse.Namespace) -> SuiteResult:
 
 
 SUITES: dict[str, Runner] = {
-    "relay": _relay, "roundtrip": _roundtrip, "overhead": _overhead, "serve": _serve, "compare": _compare,
+    "relay": _relay,
+    "roundtrip": _roundtrip,
+    "overhead": _overhead,
+    "serve": _serve,
+    "compare": _compare,
     "all": _all,
 }
 
@@ -124,8 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, profiled=True)
     p.add_argument("--frames", type=int, default=300_000, help="frames per run (default: 300000)")
     p.add_argument("--streams", type=int, default=16, help="concurrent requests the frames belong to (default: 16)")
-    p.add_argument("--coalesce", type=_concurrency_list, default=[4, 16], metavar="N,M",
-                   help="tokens per frame for the coalesced runs (default: 4,16)")
+    p.add_argument(
+        "--coalesce",
+        type=_concurrency_list,
+        default=[4, 16],
+        metavar="N,M",
+        help="tokens per frame for the coalesced runs (default: 4,16)",
+    )
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap per run (default: 20)")
 
     p = sub.add_parser("roundtrip", help="one-token round trip: MeshClient -> broker -> worker -> back (p50, p99)")
@@ -139,34 +187,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="cap per level and layer (default: 30)")
     p.add_argument("--no-gateway", action="store_true", help="skip the HTTP gateway layer")
-    p.add_argument("--pin", action="store_true",
-                   help="broker and worker on one CPU, gateway and the bench client on another (--cpus)")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="broker and worker on one CPU, gateway and the bench client on another (--cpus)",
+    )
 
-    for name, text in (("serve", "a real model through the OpenAI gateway at a sweep of concurrency"),
-                       ("compare", "the serve workload against several OpenAI endpoints, alternating")):
+    for name, text in (
+        ("serve", "a real model through the OpenAI gateway at a sweep of concurrency"),
+        ("compare", "the serve workload against several OpenAI endpoints, alternating"),
+    ):
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--concurrency", type=_concurrency_list, default=[1, 4, 16], metavar="1,4,16")
-        p.add_argument("--requests-per-stream", type=int, default=4,
-                       help="requests each stream sends per level (default: 4)")
+        p.add_argument(
+            "--requests-per-stream", type=int, default=4, help="requests each stream sends per level (default: 4)"
+        )
         p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default: 64)")
         p.add_argument("--max-seconds", type=float, default=120.0, help="cap per level (default: 120)")
         if name == "serve":
-            p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
-                           help="backend of the mesh the bench starts (default: transformers)")
+            p.add_argument(
+                "--backend",
+                choices=["transformers", "vllm"],
+                default="transformers",
+                help="backend of the mesh the bench starts (default: transformers)",
+            )
             p.add_argument("--target", metavar="URL", help="an existing OpenAI endpoint (…/v1) instead")
             p.add_argument("--model", help="model name to ask for (default: the first one listed)")
         else:
-            p.add_argument("--target", action="append", metavar="[LABEL=]URL",
-                           help="an OpenAI endpoint (…/v1); repeat for each")
-            p.add_argument("--with-vllm-server", action="store_true",
-                           help="start vLLM's own server and a mesh with --backend vllm on the default model")
+            p.add_argument(
+                "--target", action="append", metavar="[LABEL=]URL", help="an OpenAI endpoint (…/v1); repeat for each"
+            )
+            p.add_argument(
+                "--with-vllm-server",
+                action="store_true",
+                help="start vLLM's own server and a mesh with --backend vllm on the default model",
+            )
             p.add_argument("--rounds", type=int, default=2, help="alternations between targets (default: 2)")
 
     p = sub.add_parser("all", help="every suite, then summary.md and plots (under 10 minutes)")
     _common(p)
-    p.add_argument("--skip", type=lambda v: [s for s in v.split(",") if s], default=[], metavar="S1,S2",
-                   help="suites to leave out")
+    p.add_argument(
+        "--skip", type=lambda v: [s for s in v.split(",") if s], default=[], metavar="S1,S2", help="suites to leave out"
+    )
     return parser
 
 

@@ -106,8 +106,7 @@ async def _start_vllm_pair(group: ProcessGroup, skipped: dict[str, str]) -> list
     # Both load at once: start-up is mostly waiting, and each side is measured alone later.
     results = await asyncio.gather(
         start_vllm_server(group, str(resolved.path), name),
-        start_model_mesh(group, "vllm", ("--model-path", str(resolved.path), "--model-names", name,
-                                         *VLLM_WORKER_ARGS)),
+        start_model_mesh(group, "vllm", ("--model-path", str(resolved.path), "--model-names", name, *VLLM_WORKER_ARGS)),
         return_exceptions=True,
     )
     endpoints = []
@@ -119,8 +118,9 @@ async def _start_vllm_pair(group: ProcessGroup, skipped: dict[str, str]) -> list
     return endpoints
 
 
-def compare_targets(summaries: dict[str, list[LoadSummary]], baseline: str, other: str,
-                    levels: tuple[int, ...] = (1, 16)) -> list[Target]:
+def compare_targets(
+    summaries: dict[str, list[LoadSummary]], baseline: str, other: str, levels: tuple[int, ...] = (1, 16)
+) -> list[Target]:
     """Issue 6: `other` reaches 97% of `baseline`'s output tok/s, TTFT p50 within 2 ms, at 1 and 16 streams."""
     base = {s.concurrency: s for s in summaries.get(baseline, [])}
     mine = {s.concurrency: s for s in summaries.get(other, [])}
@@ -131,10 +131,22 @@ def compare_targets(summaries: dict[str, list[LoadSummary]], baseline: str, othe
         b, m = base[level], mine[level]
         ratio = m.output_tokens_per_s / b.output_tokens_per_s if b.output_tokens_per_s else None
         delta = m.ttft_ms.p50 - b.ttft_ms.p50
-        targets.append(Target(f"{other} / {baseline} output tok/s at {level}", f">= {THROUGHPUT_RATIO_TARGET}",
-                              ratio, None if ratio is None else ratio >= THROUGHPUT_RATIO_TARGET))
-        targets.append(Target(f"{other} - {baseline} TTFT p50 at {level} (ms)", f"<= {TTFT_P50_DELTA_TARGET_MS}",
-                              delta, delta <= TTFT_P50_DELTA_TARGET_MS))
+        targets.append(
+            Target(
+                f"{other} / {baseline} output tok/s at {level}",
+                f">= {THROUGHPUT_RATIO_TARGET}",
+                ratio,
+                None if ratio is None else ratio >= THROUGHPUT_RATIO_TARGET,
+            )
+        )
+        targets.append(
+            Target(
+                f"{other} - {baseline} TTFT p50 at {level} (ms)",
+                f"<= {TTFT_P50_DELTA_TARGET_MS}",
+                delta,
+                delta <= TTFT_P50_DELTA_TARGET_MS,
+            )
+        )
     return targets
 
 
@@ -151,7 +163,8 @@ def ratios(summaries: dict[str, list[LoadSummary]], baseline: str) -> dict[str, 
                 continue
             out[label][str(s.concurrency)] = {
                 "output_tokens_per_s_ratio": s.output_tokens_per_s / b.output_tokens_per_s
-                if b.output_tokens_per_s else None,
+                if b.output_tokens_per_s
+                else None,
                 "ttft_p50_delta_ms": s.ttft_ms.p50 - b.ttft_ms.p50,
                 "ttft_p99_delta_ms": s.ttft_ms.p99 - b.ttft_ms.p99,
                 "itl_p50_delta_ms": s.itl_ms.p50 - b.itl_ms.p50,
@@ -159,14 +172,30 @@ def ratios(summaries: dict[str, list[LoadSummary]], baseline: str) -> dict[str, 
     return out
 
 
-async def run(out: Path, *, targets: list[str], with_vllm_server: bool, levels: list[int], requests_per_stream: int,
-              max_tokens: int, max_seconds: float, rounds: int, progress: bool = True) -> SuiteResult:
+async def run(
+    out: Path,
+    *,
+    targets: list[str],
+    with_vllm_server: bool,
+    levels: list[int],
+    requests_per_stream: int,
+    max_tokens: int,
+    max_seconds: float,
+    rounds: int,
+    progress: bool = True,
+) -> SuiteResult:
     from tqdm import tqdm
 
-    params: dict[str, object] = {"targets": targets, "with_vllm_server": with_vllm_server, "concurrency": levels,
-                                 "requests_per_stream": requests_per_stream, "max_tokens": max_tokens,
-                                 "rounds": rounds, "max_seconds_per_level": max_seconds,
-                                 "endpoint": "/v1/completions, streaming, temperature 0"}
+    params: dict[str, object] = {
+        "targets": targets,
+        "with_vllm_server": with_vllm_server,
+        "concurrency": levels,
+        "requests_per_stream": requests_per_stream,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "max_seconds_per_level": max_seconds,
+        "endpoint": "/v1/completions, streaming, temperature 0",
+    }
     endpoints = [parse_endpoint(spec) for spec in targets]
     if not endpoints and not with_vllm_server:
         raise StartupError("nothing to compare: give --target URL (repeatable) or --with-vllm-server")
@@ -196,8 +225,12 @@ async def run(out: Path, *, targets: list[str], with_vllm_server: bool, levels: 
                         for label in labels if round_ % 2 == 0 else reversed(labels):
                             bar.set_postfix_str(f"{label} c={level}")
                             timings, seconds = await run_closed_loop(
-                                http_requester(session, http[label], max_tokens), level, count,
-                                max_seconds / rounds, bar.update)
+                                http_requester(session, http[label], max_tokens),
+                                level,
+                                count,
+                                max_seconds / rounds,
+                                bar.update,
+                            )
                             before = pooled.get((label, level), ([], 0.0))
                             pooled[(label, level)] = (before[0] + timings, before[1] + seconds)
     summaries = {label: [summarize(level, *pooled[(label, level)]) for level in levels] for label in labels}
@@ -206,7 +239,8 @@ async def run(out: Path, *, targets: list[str], with_vllm_server: bool, levels: 
     params["models"] = {label: t.model for label, t in http.items()}
     plot_load(out, "compare", "compare", summaries)
     (out / "compare.md").write_text(
-        load_table([(label, s) for label, series in summaries.items() for s in series]) + "\n")
+        load_table([(label, s) for label, series in summaries.items() for s in series]) + "\n"
+    )
     summary: dict[str, object] = {"baseline": baseline, "ratios": ratios(summaries, baseline)}
     if skipped:
         summary["skipped_targets"] = skipped
@@ -214,5 +248,6 @@ async def run(out: Path, *, targets: list[str], with_vllm_server: bool, levels: 
     if with_vllm_server and MESH_VLLM in summaries:
         # The mesh+vLLM figures double as `serve --backend vllm` (issue 3).
         result.summary["mesh_vllm_output_tokens_per_s"] = {
-            str(s.concurrency): s.output_tokens_per_s for s in summaries[MESH_VLLM]}
+            str(s.concurrency): s.output_tokens_per_s for s in summaries[MESH_VLLM]
+        }
     return result

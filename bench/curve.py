@@ -75,12 +75,29 @@ def _mesh(url: str, keys: Path | None, logs: Path):  # type: ignore[no-untyped-d
     try:
         for name, argv in (
             ("broker", [*mesh, "broker", "--broker", url, *broker_keys]),
-            ("worker", [*mesh, "worker", "--broker", url, "--backend", "synthetic", "--model-names", MODEL,
-                        "--capacity", "64", "--log-level", "WARNING", *worker_keys]),
+            (
+                "worker",
+                [
+                    *mesh,
+                    "worker",
+                    "--broker",
+                    url,
+                    "--backend",
+                    "synthetic",
+                    "--model-names",
+                    MODEL,
+                    "--capacity",
+                    "64",
+                    "--log-level",
+                    "WARNING",
+                    *worker_keys,
+                ],
+            ),
         ):
             with (logs / f"{name}.log").open("wb") as log:
-                children.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                 start_new_session=True))
+                children.append(
+                    subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
         yield
     finally:
         for child in reversed(children):
@@ -136,9 +153,7 @@ def run(requests: int, streams: int, tokens: int, rounds: int, logs: Path) -> li
                 security = SecurityConfig(keys_dir=keys / "clients" / "client-1") if mode_keys else SecurityConfig()
                 with _mesh(url, mode_keys, logs / f"{mode}-{round_}"):
                     samples, fps = asyncio.run(_measure(url, security, requests, streams, tokens))
-                by_mode[mode].append(
-                    ModeResult(mode, statistics.median(samples), _percentile(samples, 99), fps)
-                )
+                by_mode[mode].append(ModeResult(mode, statistics.median(samples), _percentile(samples, 99), fps))
     return [
         ModeResult(
             mode,
@@ -151,8 +166,9 @@ def run(requests: int, streams: int, tokens: int, rounds: int, logs: Path) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.curve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.curve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=1000, help="one-token requests per mode (default: 1000)")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams for throughput (default: 8)")
     parser.add_argument("--tokens", type=int, default=2000, help="tokens per stream (default: 2000)")
@@ -165,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':6s} {'p50 ms':>8s} {'p99 ms':>8s} {'frames/s':>10s}")
     for r in results:
         print(f"{r.mode:6s} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.frames_per_s:10.0f}")
-    print(f"CURVE cost: p50 {curve.p50_ms - plain.p50_ms:+.3f} ms, p99 {curve.p99_ms - plain.p99_ms:+.3f} ms, "
-          f"throughput {100 * (curve.frames_per_s / plain.frames_per_s - 1):+.1f}%")
+    print(
+        f"CURVE cost: p50 {curve.p50_ms - plain.p50_ms:+.3f} ms, p99 {curve.p99_ms - plain.p99_ms:+.3f} ms, "
+        f"throughput {100 * (curve.frames_per_s / plain.frames_per_s - 1):+.1f}%"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0

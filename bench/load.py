@@ -134,8 +134,7 @@ async def run_closed_loop(
 
 
 def mesh_requester(client: MeshClient, model: str, max_tokens: int, ignore_eos: bool = True):  # type: ignore[no-untyped-def]
-    request = GenerateRequest(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0.0,
-                              ignore_eos=ignore_eos)
+    request = GenerateRequest(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
 
     async def one(timing: Timing) -> None:
         try:
@@ -182,7 +181,11 @@ class HttpTarget:
 
 def completion_body(target: HttpTarget, max_tokens: int) -> dict[str, object]:
     body: dict[str, object] = {
-        "model": target.model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+        "model": target.model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
         "stream_options": {"include_usage": True},
     }
     if target.ignore_eos:

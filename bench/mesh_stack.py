@@ -45,8 +45,9 @@ class SyntheticMesh:
     gateway_skipped: str | None = None
 
 
-async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool,
-                               placement: Placement | None = None) -> SyntheticMesh:
+async def start_synthetic_mesh(
+    logs: Path, capacity: int, gateway: bool, placement: Placement | None = None
+) -> SyntheticMesh:
     def cpus(value: str | None) -> tuple[str, ...]:
         return ("--cpus", value) if value is not None else ()
 
@@ -54,8 +55,16 @@ async def start_synthetic_mesh(logs: Path, capacity: int, gateway: bool,
     try:
         url = free_broker_url()
         broker = group.broker(url, "--log-level", "WARNING", *cpus(placement and placement.broker))
-        worker = group.synthetic_worker(url, "bench-synthetic", "--capacity", str(capacity), "--log-level", "WARNING",
-                                        *cpus(placement and placement.worker), models=SYNTHETIC_MODEL)
+        worker = group.synthetic_worker(
+            url,
+            "bench-synthetic",
+            "--capacity",
+            str(capacity),
+            "--log-level",
+            "WARNING",
+            *cpus(placement and placement.worker),
+            models=SYNTHETIC_MODEL,
+        )
         await wait_for_models(url, [SYNTHETIC_MODEL], [broker, worker], timeout=60)
         mesh = SyntheticMesh(group, url)
         if gateway:

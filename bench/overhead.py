@@ -78,12 +78,27 @@ def _added(layer: LoadSummary, base: LoadSummary) -> dict[str, float]:
     return {"p50": layer.ttft_ms.p50 - base.ttft_ms.p50, "p99": layer.ttft_ms.p99 - base.ttft_ms.p99}
 
 
-async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, gateway: bool, max_seconds: float,
-              progress: bool = True, profile: bool = False, pin: bool = False) -> SuiteResult:
+async def run(
+    out: Path,
+    *,
+    levels: list[int],
+    requests: int,
+    max_tokens: int,
+    gateway: bool,
+    max_seconds: float,
+    progress: bool = True,
+    profile: bool = False,
+    pin: bool = False,
+) -> SuiteResult:
     placement = Placement.split() if pin else None
-    params = {"concurrency": levels, "requests_per_level": requests, "max_tokens": max_tokens,
-              "engine": "synthetic, no delay (fake tokens)", "max_seconds_per_level": max_seconds,
-              "placement": dataclasses.asdict(placement) if placement else "the OS scheduler's"}
+    params = {
+        "concurrency": levels,
+        "requests_per_level": requests,
+        "max_tokens": max_tokens,
+        "engine": "synthetic, no delay (fake tokens)",
+        "max_seconds_per_level": max_seconds,
+        "placement": dataclasses.asdict(placement) if placement else "the OS scheduler's",
+    }
     affinity = os.sched_getaffinity(0)
     if placement is not None:  # this process, and the threads it starts from now on
         os.sched_setaffinity(0, cpu_list(placement.client))
@@ -93,9 +108,18 @@ async def run(out: Path, *, levels: list[int], requests: int, max_tokens: int, g
         os.sched_setaffinity(0, affinity)
 
 
-async def _run(out: Path, params: dict[str, object], levels: list[int], requests: int, max_tokens: int,
-               gateway: bool, max_seconds: float, progress: bool, profile: bool,
-               placement: Placement | None) -> SuiteResult:
+async def _run(
+    out: Path,
+    params: dict[str, object],
+    levels: list[int],
+    requests: int,
+    max_tokens: int,
+    gateway: bool,
+    max_seconds: float,
+    progress: bool,
+    profile: bool,
+    placement: Placement | None,
+) -> SuiteResult:
     from tqdm import tqdm
 
     layers: dict[str, list[LoadSummary]] = {}
@@ -106,15 +130,23 @@ async def _run(out: Path, params: dict[str, object], levels: list[int], requests
     try:
         engine = SyntheticEngine(EngineConfig(backend="synthetic", model_names=(SYNTHETIC_MODEL,)))
         await engine.start()
-        layers["engine"] = await _sweep("engine", lambda: engine_requester(engine, max_tokens), levels, requests,
-                                        max_seconds, bar)
-        mesh = await start_synthetic_mesh(out / "logs" / "overhead", capacity=max(levels), gateway=gateway,
-                                          placement=placement)
+        layers["engine"] = await _sweep(
+            "engine", lambda: engine_requester(engine, max_tokens), levels, requests, max_seconds, bar
+        )
+        mesh = await start_synthetic_mesh(
+            out / "logs" / "overhead", capacity=max(levels), gateway=gateway, placement=placement
+        )
         with mesh.group:
             async with MeshClient(mesh.broker_url) as client:
                 await client.wait_for_models([SYNTHETIC_MODEL])
-                layers["mesh"] = await _sweep("mesh", lambda: mesh_requester(client, SYNTHETIC_MODEL, max_tokens),
-                                              levels, requests, max_seconds, bar)
+                layers["mesh"] = await _sweep(
+                    "mesh",
+                    lambda: mesh_requester(client, SYNTHETIC_MODEL, max_tokens),
+                    levels,
+                    requests,
+                    max_seconds,
+                    bar,
+                )
             if mesh.gateway_url is not None:
                 target = HttpTarget(mesh.gateway_url, SYNTHETIC_MODEL)
                 if profile:  # the full stack under load: every process on the path
@@ -123,14 +155,24 @@ async def _run(out: Path, params: dict[str, object], levels: list[int], requests
                     profiler.start("overhead-client", os.getpid(), PROFILE_SECONDS)
                 pool = RawHttpPool(mesh.gateway_url)
                 try:
-                    layers["gateway"] = await _sweep("gateway", lambda: raw_http_requester(pool, target, max_tokens),
-                                                     levels, requests, max_seconds, bar)
+                    layers["gateway"] = await _sweep(
+                        "gateway",
+                        lambda: raw_http_requester(pool, target, max_tokens),
+                        levels,
+                        requests,
+                        max_seconds,
+                        bar,
+                    )
                 finally:
                     await pool.close()
                 async with http_session(max(levels)) as session:
                     layers["gateway-aiohttp"] = await _sweep(
-                        "gateway-aiohttp", lambda: http_requester(session, target, max_tokens),
-                        levels, requests, max_seconds, bar,
+                        "gateway-aiohttp",
+                        lambda: http_requester(session, target, max_tokens),
+                        levels,
+                        requests,
+                        max_seconds,
+                        bar,
                     )
             elif gateway:
                 skipped["gateway"] = mesh.gateway_skipped or "not started"
@@ -147,7 +189,8 @@ async def _run(out: Path, params: dict[str, object], levels: list[int], requests
         "added_ttft_ms": {**added, "layer": full_layer, "concurrency": levels[0]},
         "added_ttft_ms_by_layer": {
             name: {str(s.concurrency): _added(s, b) for s, b in zip(series, layers["engine"], strict=True)}
-            for name, series in layers.items() if name != "engine"
+            for name, series in layers.items()
+            if name != "engine"
         },
     }
     if skipped:
@@ -155,10 +198,18 @@ async def _run(out: Path, params: dict[str, object], levels: list[int], requests
     if profiles:
         summary["profiles"] = profiles
     targets = [
-        Target(f"added TTFT p50, {full_layer} (ms)", f"<= {ADDED_P50_TARGET_MS}", added["p50"],
-               added["p50"] <= ADDED_P50_TARGET_MS),
-        Target(f"added TTFT p99, {full_layer} (ms)", f"<= {ADDED_P99_TARGET_MS}", added["p99"],
-               added["p99"] <= ADDED_P99_TARGET_MS),
+        Target(
+            f"added TTFT p50, {full_layer} (ms)",
+            f"<= {ADDED_P50_TARGET_MS}",
+            added["p50"],
+            added["p50"] <= ADDED_P50_TARGET_MS,
+        ),
+        Target(
+            f"added TTFT p99, {full_layer} (ms)",
+            f"<= {ADDED_P99_TARGET_MS}",
+            added["p99"],
+            added["p99"] <= ADDED_P99_TARGET_MS,
+        ),
     ]
     plot_load(out, "overhead", "overhead (synthetic engine, no delay)", layers)
     (out / "overhead.md").write_text(load_table([(n, s) for n, series in layers.items() for s in series]) + "\n")

@@ -116,7 +116,11 @@ class ProcessGroup:
         log_path = self.workdir / f"{len(self.processes):02d}-{name}.log"
         log = log_path.open("wb")
         popen = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, env=env or mesh_env(), cwd=REPO_ROOT,
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or mesh_env(),
+            cwd=REPO_ROOT,
             start_new_session=True,
         )
         log.close()
@@ -133,8 +137,17 @@ class ProcessGroup:
     def synthetic_worker(self, url: str, worker_id: str, *args: str, models: str = "synthetic") -> Process:
         """A worker on the synthetic engine (fake tokens; for benchmarks and fault tests, not a model)."""
         return self.mesh(
-            f"worker-{worker_id}", "worker", "--broker", url, "--backend", "synthetic",
-            "--model-names", models, "--worker-id", worker_id, *args,
+            f"worker-{worker_id}",
+            "worker",
+            "--broker",
+            url,
+            "--backend",
+            "synthetic",
+            "--model-names",
+            models,
+            "--worker-id",
+            worker_id,
+            *args,
         )
 
     def stop_all(self) -> None:
@@ -203,8 +216,13 @@ def _check_alive(watch: Sequence[Process]) -> None:
 def mesh_command_help(*command: str) -> str:
     """`mesh COMMAND --help` text ('' when the command does not exist)."""
     result = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *command, "--help"], capture_output=True, text=True, env=mesh_env(),
-        cwd=REPO_ROOT, timeout=60, check=False,
+        [sys.executable, "-m", "mesh.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env=mesh_env(),
+        cwd=REPO_ROOT,
+        timeout=60,
+        check=False,
     )
     return result.stdout if result.returncode == 0 else ""
 
@@ -215,8 +233,9 @@ async def start_gateway(group: ProcessGroup, broker_url: str, *args: str, timeou
     if "--port" not in help_text:
         raise StartupError("`mesh gateway openai` is not available (no --port option)")
     port = free_port()
-    gateway = group.mesh("gateway", "gateway", "openai", "--broker", broker_url, "--host", "127.0.0.1",
-                         "--port", str(port), *args)
+    gateway = group.mesh(
+        "gateway", "gateway", "openai", "--broker", broker_url, "--host", "127.0.0.1", "--port", str(port), *args
+    )
     base = f"http://127.0.0.1:{port}"
     await wait_for_http(f"{base}/health", [gateway], timeout)
     return f"{base}/v1"

@@ -31,9 +31,23 @@ class Profiler:
         self.out.mkdir(parents=True, exist_ok=True)
         raw = self.out / f"profile-{name}.raw"
         popen = subprocess.Popen(
-            [exe, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", str(self.rate), "-f", "raw",
-             "-o", str(raw), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                exe,
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(max(1, round(seconds))),
+                "-r",
+                str(self.rate),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self._runs[name] = (popen, raw)
 

@@ -104,8 +104,14 @@ class _Ends:
             seq = 0
             while not self._stop.is_set():
                 seq += 1
-                announcement = Announcement(worker_id=WORKER_ID, models=[MODEL], backend="relay-bench",
-                                            capacity=4096, started_at=self._started_at, seq=seq)
+                announcement = Announcement(
+                    worker_id=WORKER_ID,
+                    models=[MODEL],
+                    backend="relay-bench",
+                    capacity=4096,
+                    started_at=self._started_at,
+                    seq=seq,
+                )
                 bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(announcement)])
                 self._stop.wait(ANNOUNCE_EVERY_S)
         finally:
@@ -155,8 +161,9 @@ class _Ends:
             return count
 
 
-def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: int, max_seconds: float,
-          broker_pid: int) -> RelayRun:
+def blast(
+    ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: int, max_seconds: float, broker_pid: int
+) -> RelayRun:
     """Sends `frames` TOKENS frames round-robin over the requests and counts what the client receives."""
     cpu_before = cpu_seconds(broker_pid)
     own_before = cpu_seconds(os.getpid())
@@ -199,8 +206,16 @@ def blast(ends: _Ends, request_ids: list[bytes], tokens_per_frame: int, frames: 
     cpu_after = cpu_seconds(broker_pid)
     own_after = cpu_seconds(os.getpid())
     frames_per_s = received / elapsed if elapsed > 0 else 0.0
-    run = RelayRun(tokens_per_frame, streams, received, round(elapsed, 4), frames_per_s,
-                   frames_per_s * tokens_per_frame, len(body) + len(messages[0][0]), sent - received)
+    run = RelayRun(
+        tokens_per_frame,
+        streams,
+        received,
+        round(elapsed, 4),
+        frames_per_s,
+        frames_per_s * tokens_per_frame,
+        len(body) + len(messages[0][0]),
+        sent - received,
+    )
     if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before and received:
         cpu = cpu_after - cpu_before
         run.broker_cpu_us_per_frame, run.frames_per_broker_cpu_s = cpu * 1e6 / received, received / cpu
@@ -217,12 +232,25 @@ def finish_streams(ends: _Ends, request_ids: list[bytes]) -> None:
     ends._drain_client()
 
 
-async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_seconds: float,
-              progress: bool = True, profile: bool = False) -> SuiteResult:
+async def run(
+    out: Path,
+    *,
+    frames: int,
+    streams: int,
+    coalesce: list[int],
+    max_seconds: float,
+    progress: bool = True,
+    profile: bool = False,
+) -> SuiteResult:
     from tqdm import tqdm
 
-    params = {"frames": frames, "streams": streams, "tokens_per_frame": [1, *coalesce], "window": WINDOW,
-              "max_seconds_per_run": max_seconds}
+    params = {
+        "frames": frames,
+        "streams": streams,
+        "tokens_per_frame": [1, *coalesce],
+        "window": WINDOW,
+        "max_seconds_per_run": max_seconds,
+    }
     url = free_broker_url()
     runs: list[RelayRun] = []
     with ProcessGroup(out / "logs" / "relay") as group:
@@ -258,11 +286,25 @@ async def run(out: Path, *, frames: int, streams: int, coalesce: list[int], max_
     if profiles:
         summary["profiles"] = profiles
     targets = [
-        Target("relay frames/s (1 token per frame)", f">= {FRAMES_TARGET:,}", summary["frames_per_s"],
-               summary["frames_per_s"] >= FRAMES_TARGET),
-        Target(f"relay tokens/s ({best.tokens_per_frame} tokens per frame)", f">= {TOKENS_TARGET:,}",
-               summary["tokens_per_s"], summary["tokens_per_s"] >= TOKENS_TARGET),
+        Target(
+            "relay frames/s (1 token per frame)",
+            f">= {FRAMES_TARGET:,}",
+            summary["frames_per_s"],
+            summary["frames_per_s"] >= FRAMES_TARGET,
+        ),
+        Target(
+            f"relay tokens/s ({best.tokens_per_frame} tokens per frame)",
+            f">= {TOKENS_TARGET:,}",
+            summary["tokens_per_s"],
+            summary["tokens_per_s"] >= TOKENS_TARGET,
+        ),
     ]
-    plot_bars(out, "relay", "broker relay: tokens/s by tokens per frame",
-              [f"{r.tokens_per_frame}/frame" for r in runs], [r.tokens_per_s for r in runs], "tokens/s")
+    plot_bars(
+        out,
+        "relay",
+        "broker relay: tokens/s by tokens per frame",
+        [f"{r.tokens_per_frame}/frame" for r in runs],
+        [r.tokens_per_s for r in runs],
+        "tokens/s",
+    )
     return SuiteResult("relay", params=params, results=runs, summary=summary, targets=targets)

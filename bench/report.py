@@ -49,8 +49,12 @@ def skipped(suite: str, reason: str, params: dict[str, Any] | None = None) -> Su
 def machine_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-        "platform": platform.platform(), "load_avg_1m": round(load[0], 2), "cpu_idle": idle_states(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "load_avg_1m": round(load[0], 2),
+        "cpu_idle": idle_states(),
     }
 
 
@@ -104,14 +108,40 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-LOAD_HEADERS = ("label", "conc", "req", "err/cut", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
-                "ITL p50", "ITL p99", "E2E p50", "E2E p99")
+LOAD_HEADERS = (
+    "label",
+    "conc",
+    "req",
+    "err/cut",
+    "req/s",
+    "out tok/s",
+    "TTFT p50",
+    "TTFT p99",
+    "TPOT p50",
+    "ITL p50",
+    "ITL p99",
+    "E2E p50",
+    "E2E p99",
+)
 
 
 def load_rows(labelled: Sequence[tuple[str, LoadSummary]]) -> list[list[object]]:
     return [
-        [label, s.concurrency, s.requests, f"{s.errors}/{s.cut}", s.request_per_s, s.output_tokens_per_s, s.ttft_ms.p50,
-         s.ttft_ms.p99, s.tpot_ms.p50, s.itl_ms.p50, s.itl_ms.p99, s.e2e_ms.p50, s.e2e_ms.p99]
+        [
+            label,
+            s.concurrency,
+            s.requests,
+            f"{s.errors}/{s.cut}",
+            s.request_per_s,
+            s.output_tokens_per_s,
+            s.ttft_ms.p50,
+            s.ttft_ms.p99,
+            s.tpot_ms.p50,
+            s.itl_ms.p50,
+            s.itl_ms.p99,
+            s.e2e_ms.p50,
+            s.e2e_ms.p99,
+        ]
         for label, s in labelled
     ]
 

@@ -47,8 +47,11 @@ async def run(out: Path, *, requests: int, progress: bool = True, profile: bool 
             if profile:
                 await measure(client, WARMUP, False)
                 broker, worker = mesh.group.processes[:2]
-                for name, pid in (("roundtrip-broker", broker.pid), ("roundtrip-worker", worker.pid),
-                                  ("roundtrip-client", os.getpid())):
+                for name, pid in (
+                    ("roundtrip-broker", broker.pid),
+                    ("roundtrip-worker", worker.pid),
+                    ("roundtrip-client", os.getpid()),
+                ):
                     profiler.start(name, pid, PROFILE_SECONDS)
             samples = await measure(client, requests, progress)
     profiles = profiler.finish() if profile else {}

@@ -33,14 +33,21 @@ def suite_name(backend: str, target: str | None) -> str:
     return "serve_target" if target else f"serve_{backend}"
 
 
-async def sweep(target: HttpTarget, levels: list[int], requests_per_stream: int, max_tokens: int,
-                max_seconds: float, progress: Callable[[int], object] | None = None) -> list[LoadSummary]:
+async def sweep(
+    target: HttpTarget,
+    levels: list[int],
+    requests_per_stream: int,
+    max_tokens: int,
+    max_seconds: float,
+    progress: Callable[[int], object] | None = None,
+) -> list[LoadSummary]:
     summaries = []
     async with http_session(max(levels)) as session:
         await run_closed_loop(http_requester(session, target, max_tokens), 1, WARMUP_REQUESTS, max_seconds)
         for level in levels:
-            timings, seconds = await run_closed_loop(http_requester(session, target, max_tokens), level,
-                                                     level * requests_per_stream, max_seconds, progress)
+            timings, seconds = await run_closed_loop(
+                http_requester(session, target, max_tokens), level, level * requests_per_stream, max_seconds, progress
+            )
             summaries.append(summarize(level, timings, seconds))
     return summaries
 
@@ -50,18 +57,35 @@ def scaling_target(label: str, summaries: list[LoadSummary], low: int = 1, high:
     if low not in by_level or high not in by_level or by_level[low].output_tokens_per_s <= 0:
         return None
     ratio = by_level[high].output_tokens_per_s / by_level[low].output_tokens_per_s
-    return Target(f"{label}: tok/s at {high} streams / at {low}", f">= {SCALING_TARGET}x", ratio,
-                  ratio >= SCALING_TARGET)
+    return Target(
+        f"{label}: tok/s at {high} streams / at {low}", f">= {SCALING_TARGET}x", ratio, ratio >= SCALING_TARGET
+    )
 
 
-async def run(out: Path, *, backend: str, target: str | None, model: str | None, levels: list[int],
-              requests_per_stream: int, max_tokens: int, max_seconds: float, progress: bool = True) -> SuiteResult:
+async def run(
+    out: Path,
+    *,
+    backend: str,
+    target: str | None,
+    model: str | None,
+    levels: list[int],
+    requests_per_stream: int,
+    max_tokens: int,
+    max_seconds: float,
+    progress: bool = True,
+) -> SuiteResult:
     from tqdm import tqdm
 
     name = suite_name(backend, target)
-    params = {"backend": None if target else backend, "target": target, "concurrency": levels,
-              "requests_per_stream": requests_per_stream, "max_tokens": max_tokens,
-              "max_seconds_per_level": max_seconds, "endpoint": "/v1/completions, streaming, temperature 0"}
+    params = {
+        "backend": None if target else backend,
+        "target": target,
+        "concurrency": levels,
+        "requests_per_stream": requests_per_stream,
+        "max_tokens": max_tokens,
+        "max_seconds_per_level": max_seconds,
+        "endpoint": "/v1/completions, streaming, temperature 0",
+    }
     with ProcessGroup(out / "logs" / name) as group:
         base_url = target or await start_model_mesh(group, backend, VLLM_WORKER_ARGS if backend == "vllm" else ())
         http = await discover_target(base_url, model)

@@ -54,8 +54,9 @@ class Child:
 
     def start(self, env: dict[str, str]) -> None:
         with self.log.open("ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     @property
     def pid(self) -> int:
@@ -139,14 +140,51 @@ class Soak:
         logs.mkdir(parents=True, exist_ok=True)
         self.broker = Child("broker", [*mesh, "broker", "--broker", self.url], logs / "broker.log")
         self.workers = [
-            Child(f"worker-{i}", [*mesh, "worker", "--broker", self.url, "--backend", "synthetic", "--model-names",
-                                  MODEL, "--worker-id", f"soak-{i}", "--itl-ms", str(args.itl_ms),
-                                  "--capacity", "16", "--log-level", "WARNING"], logs / f"worker-{i}.log")
+            Child(
+                f"worker-{i}",
+                [
+                    *mesh,
+                    "worker",
+                    "--broker",
+                    self.url,
+                    "--backend",
+                    "synthetic",
+                    "--model-names",
+                    MODEL,
+                    "--worker-id",
+                    f"soak-{i}",
+                    "--itl-ms",
+                    str(args.itl_ms),
+                    "--capacity",
+                    "16",
+                    "--log-level",
+                    "WARNING",
+                ],
+                logs / f"worker-{i}.log",
+            )
             for i in range(args.workers)
         ]
-        self.gateway = Child("gateway", [*mesh, "gateway", "openai", "--broker", self.url, "--host", "127.0.0.1",
-                                         "--port", str(self.gateway_port), "--log-level", "WARNING"],
-                             logs / "gateway.log") if args.gateway else None
+        self.gateway = (
+            Child(
+                "gateway",
+                [
+                    *mesh,
+                    "gateway",
+                    "openai",
+                    "--broker",
+                    self.url,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.gateway_port),
+                    "--log-level",
+                    "WARNING",
+                ],
+                logs / "gateway.log",
+            )
+            if args.gateway
+            else None
+        )
         self.stats = Stats()
         self.samples: list[dict[str, float]] = []
         self.kills = 0
@@ -187,19 +225,33 @@ class Soak:
             roll = rng.random()
             started = time.monotonic()
             if roll < 0.03:
-                await self._one(client, GenerateRequest(model="no-such-model", prompt="x", max_tokens=2), started,
-                                "unknown_model", expect=ModelNotFoundError)
+                await self._one(
+                    client,
+                    GenerateRequest(model="no-such-model", prompt="x", max_tokens=2),
+                    started,
+                    "unknown_model",
+                    expect=ModelNotFoundError,
+                )
                 continue
             request = GenerateRequest(
-                model=MODEL, prompt=f"soak {index} {rng.random()}", max_tokens=rng.randint(1, 200),
+                model=MODEL,
+                prompt=f"soak {index} {rng.random()}",
+                max_tokens=rng.randint(1, 200),
                 seed=rng.randrange(2**31),
             )
             abandon_after = rng.randint(1, 20) if roll < 0.13 else None
             kind = "cancel" if abandon_after else "stream"
             await self._one(client, request, started, kind, abandon_after=abandon_after)
 
-    async def _one(self, client: MeshClient, request: GenerateRequest, started: float, kind: str,
-                   expect: type[MeshError] | None = None, abandon_after: int | None = None) -> None:
+    async def _one(
+        self,
+        client: MeshClient,
+        request: GenerateRequest,
+        started: float,
+        kind: str,
+        expect: type[MeshError] | None = None,
+        abandon_after: int | None = None,
+    ) -> None:
         tokens = 0
         try:
             async with asyncio.timeout(HANG_AFTER_S):
@@ -311,9 +363,7 @@ class Soak:
             "memory": memory,
             "fds": fds,
             "targets": {
-                "memory_growth_le_5pct": all(
-                    m is None or m["growth"] <= MEMORY_GROWTH_TARGET for m in memory.values()
-                ),
+                "memory_growth_le_5pct": all(m is None or m["growth"] <= MEMORY_GROWTH_TARGET for m in memory.values()),
                 "no_fd_leak": all(f is None or f["end"] <= f["after_warmup"] + 2 for f in fds.values()),
                 "no_request_lost_without_error": lost == 0,
             },
@@ -362,8 +412,9 @@ class Soak:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to run (default: 30)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the CSVs, summary.json and soak.png")
     parser.add_argument("--workers", type=int, default=3, help="synthetic workers (default: 3)")

@@ -15,10 +15,24 @@ PLAN: list[tuple[str, list[str]]] = [
     ("overhead", ["--requests", "200", "--max-tokens", "32", "--max-seconds", "20"]),
     # The scaling ratio needs several requests per stream: with one, a single lucky or unlucky
     # single-stream request moves it by 10%. These are `serve`'s own defaults (about 100 s).
-    ("serve", ["--backend", "transformers", "--concurrency", "1,4,16", "--requests-per-stream", "4",
-               "--max-seconds", "60"]),
-    ("compare", ["--with-vllm-server", "--concurrency", "1,4,16", "--requests-per-stream", "1", "--rounds", "2",
-                 "--max-seconds", "30"]),
+    (
+        "serve",
+        ["--backend", "transformers", "--concurrency", "1,4,16", "--requests-per-stream", "4", "--max-seconds", "60"],
+    ),
+    (
+        "compare",
+        [
+            "--with-vllm-server",
+            "--concurrency",
+            "1,4,16",
+            "--requests-per-stream",
+            "1",
+            "--rounds",
+            "2",
+            "--max-seconds",
+            "30",
+        ],
+    ),
 ]
 
 
@@ -39,9 +53,12 @@ async def run_all(args: argparse.Namespace) -> SuiteResult:
         print_result(result, write_json(args.out, result))
         results.append(result)
     path = write_summary(args.out, results, time.monotonic() - started)
-    return SuiteResult("all", params={"suites": [r.suite for r in results], "summary": str(path)},
-                       summary={r.suite: r.status if r.status == "ok" else f"skipped: {r.skipped}" for r in results},
-                       targets=[t for r in results for t in r.targets])
+    return SuiteResult(
+        "all",
+        params={"suites": [r.suite for r in results], "summary": str(path)},
+        summary={r.suite: r.status if r.status == "ok" else f"skipped: {r.skipped}" for r in results},
+        targets=[t for r in results for t in r.targets],
+    )
 
 
 def write_summary(out: Path, results: list[SuiteResult], seconds: float) -> Path:
@@ -58,9 +75,13 @@ def write_summary(out: Path, results: list[SuiteResult], seconds: float) -> Path
         "",
         "## Suites",
         "",
-        markdown_table(("suite", "status", "seconds", "summary"),
-                       [[r.suite, r.status if r.status == "ok" else f"skipped: {r.skipped}", r.duration_s,
-                         _short(r)] for r in results]),
+        markdown_table(
+            ("suite", "status", "seconds", "summary"),
+            [
+                [r.suite, r.status if r.status == "ok" else f"skipped: {r.skipped}", r.duration_s, _short(r)]
+                for r in results
+            ],
+        ),
         "",
     ]
     for r in results:
@@ -77,8 +98,11 @@ def write_summary(out: Path, results: list[SuiteResult], seconds: float) -> Path
 
 
 def _short(result: SuiteResult) -> str:
-    text = ", ".join(f"{k}: {_fmt(v)}" for k, v in result.summary.items() if not isinstance(v, dict) or k in (
-        "added_ttft_ms", "roundtrip_ms", "output_tokens_per_s"))
+    text = ", ".join(
+        f"{k}: {_fmt(v)}"
+        for k, v in result.summary.items()
+        if not isinstance(v, dict) or k in ("added_ttft_ms", "roundtrip_ms", "output_tokens_per_s")
+    )
     return text.replace("|", "/")[:300]
 
 

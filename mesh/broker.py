@@ -550,7 +550,9 @@ class Broker:
                 log.warning(
                     "two workers announce the id %s (started at %.3f and %.3f): the newer one serves; "
                     "give each worker its own --worker-id",
-                    announcement.worker_id, announcement.started_at, worker.announcement.started_at,
+                    announcement.worker_id,
+                    announcement.started_at,
+                    worker.announcement.started_at,
                 )
             return
         if worker is not None and worker.announcement.started_at != announcement.started_at:

@@ -52,8 +52,9 @@ MAX_WEIGHT_TOKENS_PER_S = 1e9
 
 def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
     """Random, weighted by measured speed (workers not yet measured count as the mean)."""
-    speeds = [min(c.tokens_per_s, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.tokens_per_s) else 0.0
-              for c in candidates]
+    speeds = [
+        min(c.tokens_per_s, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.tokens_per_s) else 0.0 for c in candidates
+    ]
     measured = [s for s in speeds if s > 0]
     fallback = sum(measured) / len(measured) if measured else 1.0
     weights = [s if s > 0 else fallback for s in speeds]

@@ -1,9 +1,9 @@
 """Every endpoint of a mesh derives from the one broker URL a user knows.
 
-    --broker tcp://HOST:PORT    front   ROUTER, clients       PORT
-                                back    ROUTER, workers       PORT + 1
-                                bus_in  XSUB, workers publish PORT + 2
-                                bus_out XPUB, anyone listens  PORT + 3
+--broker tcp://HOST:PORT    front   ROUTER, clients       PORT
+                            back    ROUTER, workers       PORT + 1
+                            bus_in  XSUB, workers publish PORT + 2
+                            bus_out XPUB, anyone listens  PORT + 3
 """
 
 from __future__ import annotations

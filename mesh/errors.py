@@ -1,15 +1,15 @@
 """Exceptions a mesh client raises, one per protocol error code, in a hierarchy.
 
-    MeshError
-    ├── RequestError            the request itself was refused or failed
-    │   ├── BadRequestError         bad_request
-    │   ├── ModelNotFoundError      model_not_found
-    │   ├── OverloadedError         overloaded
-    │   ├── WorkerLostError         worker_lost
-    │   ├── EngineFailureError      internal
-    │   └── ForbiddenError          forbidden (the client's key was revoked)
-    ├── MeshTimeoutError        no answer within the timeout
-    └── BrokerUnavailableError  the broker is down or unreachable
+MeshError
+├── RequestError            the request itself was refused or failed
+│   ├── BadRequestError         bad_request
+│   ├── ModelNotFoundError      model_not_found
+│   ├── OverloadedError         overloaded
+│   ├── WorkerLostError         worker_lost
+│   ├── EngineFailureError      internal
+│   └── ForbiddenError          forbidden (the client's key was revoked)
+├── MeshTimeoutError        no answer within the timeout
+└── BrokerUnavailableError  the broker is down or unreachable
 """
 
 from __future__ import annotations

@@ -161,13 +161,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _node_options(p: argparse.ArgumentParser, default_workers: int, default_clients: int) -> None:
     # --workers and --clients stay None when not given: named folders then replace the numbered default.
-    p.add_argument("--workers", type=int, metavar="N",
-                   help=f"numbered worker folders worker-1..N ({_count_default(default_workers, '--worker')})")
-    p.add_argument("--clients", type=int, metavar="N",
-                   help=f"numbered client folders client-1..N ({_count_default(default_clients, '--client')})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=f"numbered worker folders worker-1..N ({_count_default(default_workers, '--worker')})",
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        metavar="N",
+        help=f"numbered client folders client-1..N ({_count_default(default_clients, '--client')})",
+    )
     p.add_argument("--worker", action="append", default=[], metavar="NAME", help="a named worker folder (repeatable)")
-    p.add_argument("--client", action="append", default=[], metavar="NAME",
-                   help="a named client folder, e.g. gateway (repeatable)")
+    p.add_argument(
+        "--client", action="append", default=[], metavar="NAME", help="a named client folder, e.g. gateway (repeatable)"
+    )
     p.set_defaults(default_workers=default_workers, default_clients=default_clients)
 
 

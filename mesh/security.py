@@ -244,12 +244,14 @@ class _AllowList:
             more = f" ({since} more refusal(s) since the last report)" if since else ""
             log.warning(
                 "refused a connection on %s: public key %s is not on allow/%s%s",
-                self.role, key.decode(errors="replace"), self.role, more,
+                self.role,
+                key.decode(errors="replace"),
+                self.role,
+                more,
             )
             self._refused[key] = (now, 0)
         else:
             self._refused[key] = (last, since + 1)
-
 
     def _forget_refusals(self, now: float) -> None:
         """Room for a new key: those not logged within the interval go (they would be logged
@@ -315,7 +317,9 @@ class _HandshakeWatch:
             self._last_logged[(role, endpoint)] = now
             log.warning(
                 "refused a connection on %s (%s): CURVE handshake failed, the peer has no keys "
-                "or another mesh's broker key", role, endpoint,
+                "or another mesh's broker key",
+                role,
+                endpoint,
             )
 
 

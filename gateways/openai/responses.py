@@ -31,9 +31,7 @@ def chat_logprobs(items: list[TokenLogprob]) -> schemas.ChatLogprobs:
                 logprob=_finite(item.logprob),
                 bytes=list(_token_bytes(item)),
                 top_logprobs=[
-                    schemas.TopLogprobItem(
-                        token=top.token, logprob=_finite(top.logprob), bytes=list(_token_bytes(top))
-                    )
+                    schemas.TopLogprobItem(token=top.token, logprob=_finite(top.logprob), bytes=list(_token_bytes(top)))
                     for top in item.top
                 ],
             )
@@ -121,9 +119,7 @@ def completion(
             schemas.CompletionChoice(
                 index=r.index,
                 text=r.text,
-                logprobs=completion_logprobs(r.logprobs, 0, bool(logprobs))
-                if logprobs is not None
-                else None,
+                logprobs=completion_logprobs(r.logprobs, 0, bool(logprobs)) if logprobs is not None else None,
                 finish_reason=finish_name(r.finish_reason),
             )
             for r in results

@@ -461,9 +461,7 @@ class TransformersEngine(Engine):
 
     def _prefill(self, group: list[_Sequence]) -> list[_Token]:
         ids, mask, positions = prefill_inputs([seq.prefill_ids for seq in group], self._device)
-        out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         state = BatchState.from_prefill(out.past_key_values, mask)
         if self.config.deterministic or not self._batches:
             self._batches.append(state)

@@ -18,8 +18,9 @@ from tests.support import ProcessGroup, mesh_env
 
 
 def run_bench(processes: ProcessGroup, out: Path, *argv: str) -> dict:  # type: ignore[type-arg]
-    bench = processes.start(argv[0], [sys.executable, "-m", "bench", *argv, "--smoke", "--no-progress",
-                                      "--out", str(out)], env=mesh_env())
+    bench = processes.start(
+        argv[0], [sys.executable, "-m", "bench", *argv, "--smoke", "--no-progress", "--out", str(out)], env=mesh_env()
+    )
     try:
         code = bench.popen.wait(timeout=90)
     except subprocess.TimeoutExpired:
@@ -56,8 +57,7 @@ def test_overhead_reports_added_ttft_per_layer(processes: ProcessGroup, tmp_path
 
 
 @pytest.mark.skipif(not os.access(PM_QOS_DEVICE, os.R_OK | os.W_OK), reason=f"no access to {PM_QOS_DEVICE}")
-def test_a_suite_runs_under_the_cpu_latency_it_is_given_and_records_it(processes: ProcessGroup,
-                                                                        tmp_path: Path) -> None:
+def test_a_suite_runs_under_the_cpu_latency_it_is_given_and_records_it(processes: ProcessGroup, tmp_path: Path) -> None:
     before = current_cpu_latency()
     assert before is not None
     if before <= 7:

@@ -213,11 +213,10 @@ async def test_a_long_prompt_is_scored_in_chunks_beside_running_requests(client:
 
     greedy = [GenerateRequest(model="tiny-a", prompt=p, max_tokens=8, temperature=0) for p in ("Hi", "Paris is")]
     alone = [await client.complete(r) for r in greedy]
-    scoring = GenerateRequest(model="tiny-a", prompt=prompt, max_tokens=2, temperature=0, echo=True,
-                              logprobs=0, prompt_logprobs=0)
-    scored, *beside = await asyncio.gather(
-        _chunks(client, scoring), *(client.complete(r) for r in greedy)
+    scoring = GenerateRequest(
+        model="tiny-a", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=0, prompt_logprobs=0
     )
+    scored, *beside = await asyncio.gather(_chunks(client, scoring), *(client.complete(r) for r in greedy))
     assert [b.token_ids for b in beside] == [a.token_ids for a in alone]  # undisturbed by the scoring forward
     # A reader that falls behind gets the echo and the first token merged into one chunk: join them all.
     text = "".join(chunk.text for chunk in scored)
@@ -291,8 +290,16 @@ async def test_a_migration_releases_the_text_the_lost_worker_held_back(client: M
 def test_cpu_threads_sets_the_workers_torch_threads(model_dir: Path, processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     worker = processes.mesh(
-        "worker", "worker", "--broker", broker_url, "--cache-dir", str(CACHE), "--worker-id", "two-threads",
-        "--cpu-threads", "2",
+        "worker",
+        "worker",
+        "--broker",
+        broker_url,
+        "--cache-dir",
+        str(CACHE),
+        "--worker-id",
+        "two-threads",
+        "--cpu-threads",
+        "2",
     )
 
     async def scenario() -> None:

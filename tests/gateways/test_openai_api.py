@@ -195,8 +195,9 @@ def test_echo_with_logprobs_scores_the_prompt_streamed_or_not(gateway: Gateway) 
     assert "".join(glp.tokens) == generated.choices[0].text
     assert glp.text_offset[4] == len(prompt)  # the completion's offsets go on after the prompt's
 
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, seed=5,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, seed=5, stream=True)
+    )
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert [t for s in streamed for t in s.tokens or []] == glp.tokens
     assert [v for s in streamed for v in s.token_logprobs or []] == glp.token_logprobs

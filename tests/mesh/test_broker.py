@@ -395,8 +395,12 @@ async def test_malformed_frames_on_every_port_crash_nothing(processes: ProcessGr
         back.setsockopt(zmq.IDENTITY, b"intruder")
         bus_in = ctx.socket(zmq.PUB)
         bus_out = ctx.socket(zmq.XSUB)
-        for sock, endpoint in ((front, endpoints.front), (back, endpoints.back), (bus_in, endpoints.bus_in),
-                               (bus_out, endpoints.bus_out)):
+        for sock, endpoint in (
+            (front, endpoints.front),
+            (back, endpoints.back),
+            (bus_in, endpoints.bus_in),
+            (bus_out, endpoints.bus_out),
+        ):
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
         await asyncio.sleep(0.3)

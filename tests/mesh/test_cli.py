@@ -121,7 +121,10 @@ def test_sigterm_drains_in_flight_requests(processes: ProcessGroup, broker_url: 
     wait_until(lambda: len(status(broker_url)["workers"]) == 1, timeout=10)
     generate = subprocess.Popen(
         [*MESH, "generate", "--broker", broker_url, "--model", "synthetic", "--max-tokens", "30", "hi"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mesh_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=mesh_env(),
     )
     try:
         wait_until(lambda: status(broker_url)["workers"][0]["inflight"] == 1, timeout=10)

@@ -85,8 +85,11 @@ async def test_kill_9_under_64_streams_migrates_started_requests(
             return "".join(text), tokens, worker
 
         tasks = [asyncio.create_task(stream(r)) for r in requests]
-        await _until(lambda: any(w.inflight >= 8 for w in client.workers() if w.worker_id == "victim"), 10,
-                     "the victim never got busy")
+        await _until(
+            lambda: any(w.inflight >= 8 for w in client.workers() if w.worker_id == "victim"),
+            10,
+            "the victim never got busy",
+        )
         await asyncio.sleep(0.3)  # its requests are mid-stream
         workers["victim"].signal(signal.SIGKILL)
         _, pending = await asyncio.wait(tasks, timeout=60)  # none hangs
@@ -191,8 +194,11 @@ async def test_a_blip_on_a_workers_connection_loses_no_token(processes: ProcessG
                 done = await asyncio.wait_for(asyncio.gather(*pending), 30)
                 for request, result in zip(requests, done, strict=True):
                     assert result.text == await _expected_text(request), f"round {round_}"
-            await _until(lambda: client.broker_info is not None and client.broker_info.inflight == 0, 5,
-                         "requests are still counted in flight")
+            await _until(
+                lambda: client.broker_info is not None and client.broker_info.inflight == 0,
+                5,
+                "requests are still counted in flight",
+            )
             assert (await asyncio.wait_for(client.complete(_request(99, 5)), 10)).finish_reason is FinishReason.LENGTH
 
 
@@ -258,8 +264,9 @@ async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: Proce
         await asyncio.sleep(0.5)
         frozen.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        gone_after = await _until(lambda: [w.worker_id for w in client.workers()] == ["steady"], 5,
-                                  "the stopped worker is still listed")
+        gone_after = await _until(
+            lambda: [w.worker_id for w in client.workers()] == ["steady"], 5, "the stopped worker is still listed"
+        )
         assert gone_after < 2.0, f"a stopped worker was treated as alive for {gone_after:.2f} s"
         # Its requests moved on; new work goes to the live worker only.
         done = await asyncio.wait_for(asyncio.gather(*streams), 30)
@@ -270,8 +277,11 @@ async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: Proce
         frozen.signal(signal.SIGCONT)
         await _until(lambda: len(client.workers()) == 2, 10, "the resumed worker did not rejoin")
         # Its stale frames (for requests that moved on) were answered with CANCEL and counted.
-        await _until(lambda: client.broker_info is not None and client.broker_info.dropped.get("stale", 0) > 0, 5,
-                     "no stale frame was counted")
+        await _until(
+            lambda: client.broker_info is not None and client.broker_info.dropped.get("stale", 0) > 0,
+            5,
+            "no stale frame was counted",
+        )
         results = await asyncio.wait_for(asyncio.gather(*(client.complete(_request(i, 5)) for i in range(16))), 20)
         assert {r.worker_id for r in results} == {"frozen", "steady"}
         assert all(r.finish_reason is FinishReason.LENGTH for r in results)
@@ -295,11 +305,15 @@ async def test_broker_restart_under_load(processes: ProcessGroup, broker_url: st
             await client.complete(_request(0, 2))
         old_start = client.broker_info.started_at if client.broker_info else 0.0
         processes.broker(broker_url)
-        await _until(lambda: client.broker_info is not None and client.broker_info.started_at != old_start, 20,
-                     "the new broker was never heard")
+        await _until(
+            lambda: client.broker_info is not None and client.broker_info.started_at != old_start,
+            20,
+            "the new broker was never heard",
+        )
         # Measured from the new broker's first beacon: workers and this client are back within 2 s.
-        back_after = await _until(lambda: client.broker_info.workers == 2 and len(client.workers()) == 2, 10,
-                                  "workers did not reconnect")
+        back_after = await _until(
+            lambda: client.broker_info.workers == 2 and len(client.workers()) == 2, 10, "workers did not reconnect"
+        )
         assert back_after < 2.0, f"workers took {back_after:.2f} s to reconnect"
         done = await asyncio.wait_for(client.complete(_request(1, 5)), 10)
         assert done.finish_reason is FinishReason.LENGTH
@@ -335,7 +349,8 @@ async def test_a_client_that_stops_reading_stalls_no_one_and_memory_stays_bounde
             # The broker hit the stalled client's high-water mark, gave up on it and cancelled its work.
             await _until(
                 lambda: client.broker_info is not None and client.broker_info.dropped.get("client_gone", 0) > 0,
-                30, "the broker never gave up on the stalled client",
+                30,
+                "the broker never gave up on the stalled client",
             )
             await _until(lambda: all(w.inflight == 0 for w in client.workers()), 30, "the stalled requests still run")
             grown_mib = (_rss_kib(broker.pid) - rss_before) / 1024
@@ -400,7 +415,3 @@ async def _until_async(call, accept, timeout: float, message: str):  # type: ign
         if time.monotonic() > deadline:
             raise AssertionError(f"{message}: last {value!r}")
         await asyncio.sleep(0.2)
-
-
-
-

@@ -56,8 +56,19 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
 def _wrongly_typed_body(rng: random.Random) -> bytes:
     """A msgpack map with GenerateRequest's field names and values of the wrong type."""
     junk: list[object] = [None, -1, 2**62, 1.5e308, float("nan"), "x" * rng.randint(0, 50), [1, "a"], {"k": 1}, True]
-    fields = ["model", "prompt", "messages", "prompt_token_ids", "max_tokens", "temperature", "stop",
-              "resume_token_ids", "seed", "logprobs", "unknown_field"]
+    fields = [
+        "model",
+        "prompt",
+        "messages",
+        "prompt_token_ids",
+        "max_tokens",
+        "temperature",
+        "stop",
+        "resume_token_ids",
+        "seed",
+        "logprobs",
+        "unknown_field",
+    ]
     body = {name: rng.choice(junk) for name in rng.sample(fields, rng.randint(1, len(fields)))}
     return msgspec.msgpack.encode(body)
 
@@ -95,8 +106,9 @@ def fuzz_frames(rng: random.Random, port: str, replay: list[bytes]) -> list[byte
         return [header, rng.randbytes(rng.randint(256 * 1024, 1024 * 1024))]  # big
     if port == "front":
         if roll < 0.55:  # reaches the worker: a valid header and model, a broken body
-            body = rng.choice([_wrongly_typed_body(rng), _mutate(rng, encode(GenerateRequest(model=MODEL))),
-                               b"\xc1", b""])
+            body = rng.choice(
+                [_wrongly_typed_body(rng), _mutate(rng, encode(GenerateRequest(model=MODEL))), b"\xc1", b""]
+            )
             frames = [pack_header(Kind.SUBMIT, request_id), MODEL.encode(), body]
             replay.append(request_id)
             return frames
@@ -118,8 +130,12 @@ def fuzz_frames(rng: random.Random, port: str, replay: list[bytes]) -> list[byte
         return [header, rng.randbytes(rng.randint(0, 16))]
     if port == "bus_in":  # announcements that lie or do not parse
         if roll < 0.6:
-            bad = Announcement(worker_id=rng.choice(["", "ghost"]), models=rng.choice([[], [MODEL]]),
-                               backend="fuzz", capacity=rng.choice([0, -3, 1]))
+            bad = Announcement(
+                worker_id=rng.choice(["", "ghost"]),
+                models=rng.choice([[], [MODEL]]),
+                backend="fuzz",
+                capacity=rng.choice([0, -3, 1]),
+            )
             return [pack_header(Kind.ANNOUNCE), _mutate(rng, encode(bad)) if rng.random() < 0.5 else encode(bad)]
         return [pack_header(Kind.ANNOUNCE), rng.randbytes(rng.randint(0, 64))]
     # bus_out (XPUB): subscriptions and garbage
@@ -134,8 +150,12 @@ async def test_fuzz_10k_messages_crash_nothing_and_traffic_flows(processes: Proc
     ctx = zmq.Context()
     sockets: dict[str, zmq.Socket] = {}
     try:
-        for port, kind, endpoint in (("front", zmq.DEALER, endpoints.front), ("back", zmq.DEALER, endpoints.back),
-                                     ("bus_in", zmq.PUB, endpoints.bus_in), ("bus_out", zmq.XSUB, endpoints.bus_out)):
+        for port, kind, endpoint in (
+            ("front", zmq.DEALER, endpoints.front),
+            ("back", zmq.DEALER, endpoints.back),
+            ("bus_in", zmq.PUB, endpoints.bus_in),
+            ("bus_out", zmq.XSUB, endpoints.bus_out),
+        ):
             sock = sockets[port] = ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)

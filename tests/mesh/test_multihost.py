@@ -187,20 +187,58 @@ def test_four_hosts_with_curve_and_a_cut_link(processes: ProcessGroup, lab: Lab,
     url = f"tcp://{BROKER_IP}:{PORT}"
     python = [sys.executable, "-m", "mesh.cli"]
     try:
-        broker = processes.start("broker", lab.argv("br", *python, "broker", "--broker", f"tcp://0.0.0.0:{PORT}",
-                                                    "--keys", str(keys / "broker")))
+        broker = processes.start(
+            "broker",
+            lab.argv("br", *python, "broker", "--broker", f"tcp://0.0.0.0:{PORT}", "--keys", str(keys / "broker")),
+        )
         for worker in ("w1", "w2"):
-            processes.start(f"worker-{worker}", lab.argv(
-                worker, *python, "worker", "--broker", url, "--backend", "synthetic", "--model-names", "synthetic",
-                "--worker-id", worker, "--itl-ms", "40", "--keys", str(keys / "workers" / worker)))
-        processes.start("gateway", lab.argv(
-            "cl", *python, "gateway", "openai", "--broker", url, "--host", "127.0.0.1", "--port", "8000",
-            "--keys", str(keys / "clients" / "gateway")))
+            processes.start(
+                f"worker-{worker}",
+                lab.argv(
+                    worker,
+                    *python,
+                    "worker",
+                    "--broker",
+                    url,
+                    "--backend",
+                    "synthetic",
+                    "--model-names",
+                    "synthetic",
+                    "--worker-id",
+                    worker,
+                    "--itl-ms",
+                    "40",
+                    "--keys",
+                    str(keys / "workers" / worker),
+                ),
+            )
+        processes.start(
+            "gateway",
+            lab.argv(
+                "cl",
+                *python,
+                "gateway",
+                "openai",
+                "--broker",
+                url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "8000",
+                "--keys",
+                str(keys / "clients" / "gateway"),
+            ),
+        )
         cut_flag = tmp_path / "cut"
-        driver = processes.start("driver", lab.argv(
-            "cl", sys.executable, "-c", _DRIVER, url, str(keys / "clients" / "driver"), "8000", str(cut_flag)))
-        wait_until(lambda: "streaming" in driver.output() or not driver.alive(), timeout=90,
-                   message="the driver started streaming")
+        driver = processes.start(
+            "driver",
+            lab.argv("cl", sys.executable, "-c", _DRIVER, url, str(keys / "clients" / "driver"), "8000", str(cut_flag)),
+        )
+        wait_until(
+            lambda: "streaming" in driver.output() or not driver.alive(),
+            timeout=90,
+            message="the driver started streaming",
+        )
         assert driver.alive(), driver.output()
         lab.cut("w1")  # the broker's side of w1's cable
         cut_flag.touch()

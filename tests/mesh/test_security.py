@@ -32,7 +32,11 @@ from tests.support import REPO_ROOT, ProcessGroup, free_broker_url, mesh_env, wa
 
 def _mesh(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True, env=mesh_env(), cwd=REPO_ROOT,
+        [sys.executable, "-m", "mesh.cli", *args],
+        capture_output=True,
+        text=True,
+        env=mesh_env(),
+        cwd=REPO_ROOT,
         timeout=timeout,
     )
 
@@ -115,8 +119,11 @@ def test_non_loopback_bind_needs_keys_or_insecure(processes: ProcessGroup, keys:
     for extra in (["--insecure"], ["--keys", str(keys / "broker")]):
         broker = processes.broker(url, *extra)
         client_keys = ["--keys", str(keys / "clients" / "client-1")] if "--keys" in extra else []
-        wait_until(lambda ck=client_keys: _mesh("status", "--broker", loopback, "--timeout", "1", *ck).returncode == 0,
-                   timeout=20, message=f"broker {extra} answering")
+        wait_until(
+            lambda ck=client_keys: _mesh("status", "--broker", loopback, "--timeout", "1", *ck).returncode == 0,
+            timeout=20,
+            message=f"broker {extra} answering",
+        )
         assert broker.alive()
         broker.stop()
 
