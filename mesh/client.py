@@ -319,7 +319,7 @@ class MeshClient:
                 current = msgspec.structs.replace(
                     request,
                     resume_token_ids=[*request.resume_token_ids, *produced],
-                    resume_text_chars=request.resume_text_chars + shown_chars,
+                    resume_text_chars=(request.resume_text_chars or 0) + shown_chars,
                     max_tokens=remaining,
                     echo=request.echo and not yielded,
                 )

@@ -151,8 +151,9 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: max_tokens counts only what is still to come. Engines without `supports_resume` refuse it.
     resume_token_ids: list[int] = []
     #: Characters of those tokens' text the client has received: what the lost worker still held
-    #: back (a possible stop string, half a character) the new one sends first.
-    resume_text_chars: int = 0
+    #: back (a possible stop string, half a character) the new one sends first. None (a client that
+    #: does not say): the client is taken to have what the new worker would have let out itself.
+    resume_text_chars: int | None = None
 
 
 def offset_seed(seed: int, offset: int) -> int:

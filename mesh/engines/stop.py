@@ -52,7 +52,9 @@ class TextStream:
     A migrated request passes the tokens another worker already streamed (`resumed`) and how many
     characters of their text its client received (`shown_chars`). That worker sent their ids at once
     but may have held part of their text back (a possible stop string, half a character): the rest
-    of their text goes out first, through the stop strings, with the tokens that follow.
+    of their text goes out first, through the stop strings, with the tokens that follow. Without
+    `shown_chars` (a client that does not say), the client is taken to have what this stream would
+    have let out of those tokens itself.
     """
 
     def __init__(
@@ -61,12 +63,17 @@ class TextStream:
         prompt_ids: list[int],
         stops: Sequence[str],
         resumed: Sequence[int] = (),
-        shown_chars: int = 0,
+        shown_chars: int | None = None,
     ) -> None:
         self._detok = IncrementalDetokenizer(decode, prompt_ids)
         self._stop = StopMatcher(list(stops))
         #: Text of the resumed tokens that the client has not received, not yet through the stop strings.
-        self._owed = "".join(self._detok.add(token_id) for token_id in resumed)[shown_chars:]
+        self._owed = ""
+        if shown_chars is None:
+            for token_id in resumed:
+                self.add(token_id)
+        else:
+            self._owed = "".join(self._detok.add(token_id) for token_id in resumed)[shown_chars:]
 
     def add(self, token_id: int) -> StopResult:
         """The text one more token lets out, and whether a stop string ended the output."""

@@ -332,9 +332,12 @@ class VllmEngine(Engine):
                     text = completion.text
                     finish = finish_reason(completion.finish_reason) if output.finished else None
                     if text_stream is not None:
-                        token_ids, text, stopped = _through(text_stream, token_ids)
+                        # Stop strings are applied here, so vLLM's "stop" is a stop token (EOS or a stop
+                        # token id): counted, but, as vLLM and the transformers backend do, without text.
+                        by_token = finish is FinishReason.STOP and bool(token_ids)
+                        kept, text, stopped = _through(text_stream, token_ids[:-1] if by_token else token_ids)
                         if stopped:
-                            finish = FinishReason.STOP  # returning below aborts the request in vLLM
+                            token_ids, finish = kept, FinishReason.STOP  # returning below aborts it in vLLM
                         elif finish is not None:
                             text += text_stream.finish()
                     produced += len(token_ids)

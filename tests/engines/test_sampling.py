@@ -271,3 +271,11 @@ def test_a_resumed_text_stream_sends_what_the_client_has_not_seen_through_the_st
     plain = TextStream(_decode, [], [], resumed=[0, 1], shown_chars=4)  # " waves" not yet shown in full
     assert plain.add(2).text == "waves of"
     assert TextStream(_decode, [], [], resumed=[0, 1], shown_chars=10).finish() == ""
+
+
+def test_a_resumed_text_stream_without_shown_chars_takes_what_it_would_have_let_out() -> None:
+    # A client that does not say how much it received is taken to have what this stream would have let
+    # out: "The waves of the ocean,", with " a" held back for the stop string.
+    stream = TextStream(_decode, [], [" a tapestry"], resumed=[0, 1, 2, 3, 4, 5, 6])
+    assert stream.add(7).text == ""
+    assert stream.add(8).stopped

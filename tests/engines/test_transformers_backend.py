@@ -274,9 +274,9 @@ async def test_a_migration_releases_the_text_the_lost_worker_held_back(client: M
     assert chunks[-1].finish_reason is FinishReason.STOP
     ids = [token_id for chunk in chunks for token_id in chunk.token_ids]
     seen, cuts = "", 0
-    for chunk in chunks[:-1]:  # the client's view after each delta: the text it has, the ids it would resume
+    for count, chunk in enumerate(chunks[:-1], 1):  # the client's view after each delta: its text, the ids
         seen += chunk.text
-        done = [token_id for c in chunks[: chunks.index(chunk) + 1] for token_id in c.token_ids]
+        done = [token_id for c in chunks[:count] for token_id in c.token_ids]
         resumed = msgspec.structs.replace(
             request, resume_token_ids=done, resume_text_chars=len(seen), max_tokens=20 - len(done)
         )

@@ -379,6 +379,22 @@ def test_a_migration_releases_the_text_the_lost_worker_held_back(vllm_mesh: Vllm
 
 
 @pytest.mark.vllm
+def test_a_migrated_request_ends_on_a_stop_token_as_an_unmoved_one_does(vllm_mesh: VllmMesh) -> None:
+    """A stop token is counted but its text is not sent, after a migration as before one."""
+    base = _chat("Write a short poem about the sea.", temperature=0, max_tokens=20)
+    stop_id = [t for chunk in asyncio.run(_stream(vllm_mesh.url, base)) for t in chunk.token_ids][5]
+    request = GenerateRequest(**{**_fields(base), "stop_token_ids": [stop_id]})
+    chunks = asyncio.run(_stream(vllm_mesh.url, request))
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    done = [t for chunk in chunks[:2] for t in chunk.token_ids]
+    fields = {"resume_token_ids": done, "resume_text_chars": len(_text(chunks[:2])), "max_tokens": 20 - len(done)}
+    rest = asyncio.run(_stream(vllm_mesh.url, GenerateRequest(**{**_fields(request), **fields})))
+    assert _text(chunks[:2]) + _text(rest) == _text(chunks)
+    assert rest[-1].finish_reason is FinishReason.STOP
+    assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == chunks[-1].usage.completion_tokens  # type: ignore[union-attr]
+
+
+@pytest.mark.vllm
 def test_cancel_frees_the_slot(vllm_mesh: VllmMesh) -> None:
     long = GenerateRequest(model=MODEL, prompt="Count: 1, 2,", max_tokens=4000, ignore_eos=True, temperature=0)
 
