@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,19 +38,34 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+#: Where listening ports are picked: below the kernel's ephemeral range, which every outgoing
+#: connection takes its source port from. A port picked there could be taken by some connection
+#: between the check and the server's bind (it happened: a broker failed with "address in use").
+_FIRST_PORT = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(count: int = 1) -> int:
+    """A free loopback port (the first of `count` consecutive free ones) outside the ephemeral range."""
+    last = max(_ephemeral_start(), _FIRST_PORT + 1000) - count
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(_FIRST_PORT, last)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports from {_FIRST_PORT} to {last + count}")
 
 
 def free_broker_url() -> str:
     """A broker URL whose port and the three after it are free."""
-    for _ in range(200):
-        base = free_port()
-        if base + PORTS_PER_BROKER < 65535 and all(_port_free(base + i) for i in range(PORTS_PER_BROKER)):
-            return f"tcp://127.0.0.1:{base}"
-    raise RuntimeError("no four consecutive free ports")
+    return f"tcp://127.0.0.1:{free_port(PORTS_PER_BROKER)}"
 
 
 def mesh_env(**extra: str) -> dict[str, str]:

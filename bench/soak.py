@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.processes import free_broker_url, free_port
 from mesh.client import MeshClient
 from mesh.errors import MeshError, ModelNotFoundError
 from mesh.protocol import GenerateRequest
@@ -105,35 +105,12 @@ def _proc_fds(pid: int) -> int:
         return 0
 
 
-def _free_base_port() -> int:
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        ok = True
-        for offset in range(4):
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", base + offset))
-                except OSError:
-                    ok = False
-        if ok and base + 4 < 65535:
-            return base
-    raise RuntimeError("no four consecutive free ports")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out: Path = args.out
-        self.url = f"tcp://127.0.0.1:{_free_base_port()}"
-        self.gateway_port = _free_port()
+        self.url = free_broker_url()
+        self.gateway_port = free_port()
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         mesh = [sys.executable, "-m", "mesh.cli"]
         logs = self.out / "logs"
