@@ -98,6 +98,15 @@ class _Request:
     attempts: int = 0
 
 
+def _log_due(last_logged: dict[Any, float], key: object) -> bool:
+    """Whether a warning about `key` may be logged now (once per REFUSAL_LOG_INTERVAL); notes it if so."""
+    now = time.monotonic()
+    if now - last_logged.get(key, float("-inf")) < REFUSAL_LOG_INTERVAL:
+        return False
+    last_logged[key] = now
+    return True
+
+
 class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
@@ -235,9 +244,7 @@ class Broker:
 
     def _refuse_revoked(self, role: Role, user: str | None, frames: list[bytes]) -> None:
         self.dropped["revoked"] += 1
-        now = time.monotonic()
-        if now - self._revoked_logged.get(user, float("-inf")) >= REFUSAL_LOG_INTERVAL:
-            self._revoked_logged[user] = now
+        if _log_due(self._revoked_logged, user):
             log.warning("refused a message on %s: public key %s is no longer on allow/%s", role, user, role)
         if role != "clients" or len(frames) < 2:
             return  # a worker's announcement: without it the worker expires like a silent one
@@ -545,8 +552,7 @@ class Broker:
             # An older incarnation than the one in place: two live processes share a --worker-id (or a
             # clock went back). Taking turns would bury each at every heartbeat: the newer one serves.
             self.dropped["older_incarnation"] += 1
-            if time.monotonic() - self._duplicate_logged.get(worker_id, float("-inf")) >= REFUSAL_LOG_INTERVAL:
-                self._duplicate_logged[worker_id] = time.monotonic()
+            if _log_due(self._duplicate_logged, worker_id):
                 log.warning(
                     "two workers announce the id %s (started at %.3f and %.3f): the newer one serves; "
                     "give each worker its own --worker-id",

@@ -232,17 +232,15 @@ class MeshClient:
         for request_id in list(self._streams):
             self._front.send([pack_header(Kind.CANCEL, request_id)])
         self._fail_all(BrokerUnavailableError("the mesh client was closed"))
-        self._streams.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._context is not None:
-            self._front_watch.close()
-            await self._front.close()
-            await self._bus.close()
-            self._context.term()
-            self._context = None
+        self._front_watch.close()
+        await self._front.close()
+        await self._bus.close()
+        self._context.term()
+        self._context = None
 
     # ------------------------------------------------------------------ the mesh, as seen from the bus
 
@@ -472,11 +470,12 @@ class MeshClient:
         if self._streams:
             log.warning("the connection to the broker dropped: %d open request(s) move on", len(self._streams))
         self._fail_all(_ConnectionDropped("the connection to the broker dropped"))
-        self._streams.clear()
 
     def _fail_all(self, error: MeshError) -> None:
+        """Ends every open request with `error` and forgets them (their replies are ignored from now on)."""
         for stream in self._streams.values():
             stream.put(error)
+        self._streams.clear()
 
     # ------------------------------------------------------------------ incoming (called by the channels)
 
@@ -510,7 +509,6 @@ class MeshClient:
             silent = time.monotonic() - self._broker_seen_at > self._expiry
             if self._broker_info is not None and silent and self._streams:
                 self._fail_all(BrokerUnavailableError("the broker stopped answering"))
-                self._streams.clear()
 
     def _on_bus(self, frames: list[bytes], now: float) -> None:
         if len(frames) != 2:
