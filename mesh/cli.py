@@ -61,6 +61,20 @@ def _seed(value: str) -> int:
     return seed
 
 
+#: The longest --stream-interval-ms: past this, held tokens would show as stutter in a chat.
+MAX_STREAM_INTERVAL_MS = 100.0
+
+
+def _stream_interval_ms(value: str) -> float:
+    try:
+        interval = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {value!r}") from None
+    if not 0 <= interval <= MAX_STREAM_INTERVAL_MS:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_STREAM_INTERVAL_MS:g} ms, got {value}")
+    return interval
+
+
 def _engine_arg(value: str) -> tuple[str, object]:
     key, sep, raw = value.partition("=")
     if not sep or not key:
@@ -117,6 +131,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     from mesh.engines import BACKENDS
+    from mesh.reply_stream import DEFAULT_STREAM_INTERVAL
 
     p = sub.add_parser(
         "worker",
@@ -169,6 +184,15 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         metavar="S",
         help="on SIGTERM, seconds in-flight requests may take to finish before they are cancelled (default: 30)",
+    )
+    p.add_argument(
+        "--stream-interval-ms",
+        type=_stream_interval_ms,
+        default=DEFAULT_STREAM_INTERVAL * 1000,
+        metavar="MS",
+        help="shortest gap between two frames of one request: tokens an engine makes faster than this travel "
+        "together, none waits longer (default: %(default)g; a model's step is longer, so it only matters "
+        "for an engine that outruns the mesh). 0 sends every step at once",
     )
     p.add_argument("--cache-dir", metavar="DIR", help="where converted models are kept (env: LLM_MESH_CACHE)")
 
@@ -238,6 +262,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         engine=engine_config,
         worker_id=args.worker_id,
         drain_timeout=args.drain_timeout,
+        stream_interval=args.stream_interval_ms / 1000,
         security=security_from_args(args),
     )
     run_service(lambda: Worker(config, create_engine(engine_config)))

@@ -1,7 +1,8 @@
 """The worker runtime: one engine behind a DEALER to the broker and a PUB on the bus.
 
 It runs each request the broker sends as a task that streams the engine's
-steps back (one frame per step), enforces the capacity, announces its load
+steps back (one frame per step, at most one per stream interval: see
+mesh.reply_stream), enforces the capacity, announces its load
 on the bus (on every change, rate-limited, and every heartbeat), and drains
 on SIGTERM: it stops taking work, lets in-flight requests finish within the
 drain timeout, then cancels the rest.
@@ -29,18 +30,15 @@ import zmq
 from mesh import __version__, transport
 from mesh.discovery import HEARTBEAT_INTERVAL
 from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
-from mesh.engines import Engine, EngineConfig, EngineError, EngineOutput
+from mesh.engines import Engine, EngineConfig, EngineError
 from mesh.heap import freeze_startup_objects
 from mesh.protocol import (
-    MAX_MESSAGE_BYTES,
     REQUEST_ID_SIZE,
     Announcement,
-    Done,
     ErrorCode,
     GenerateRequest,
     Kind,
     ProtocolError,
-    TokenChunk,
     decode,
     encode,
     error_frames,
@@ -48,6 +46,7 @@ from mesh.protocol import (
     pack_header,
     parse_header,
 )
+from mesh.reply_stream import DEFAULT_STREAM_INTERVAL, ReplyStream
 from mesh.security import SecurityConfig
 
 log = logging.getLogger("mesh.worker")
@@ -65,6 +64,8 @@ class WorkerConfig:
     worker_id: str = ""
     drain_timeout: float = 30.0
     heartbeat_interval: float = HEARTBEAT_INTERVAL
+    #: Shortest gap between two frames of one request (mesh.reply_stream); 0 sends every step at once.
+    stream_interval: float = DEFAULT_STREAM_INTERVAL
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
@@ -89,18 +90,6 @@ class _SpeedMeter:
         if span >= 0.5:
             self._last_rate = self._tokens / span
         return self._last_rate
-
-
-def _within_limit(body: bytes) -> bytes:
-    """`body`, if the broker will take it: a larger frame would make it drop this worker's
-    connection, and every other request's frames in flight on it."""
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise EngineError(
-            ErrorCode.BAD_REQUEST,
-            f"the reply is {len(body):,} bytes, more than the mesh's message limit of {MAX_MESSAGE_BYTES:,}: "
-            "ask for fewer logprobs or a shorter echo",
-        )
-    return body
 
 
 class Worker:
@@ -254,9 +243,7 @@ class Worker:
         self._load_changed.set()  # announce the new incarnation now
 
     async def _serve(self, request_id: bytes, request: GenerateRequest) -> None:
-        send = self._back.send
-        tokens_header = pack_header(Kind.TOKENS, request_id)
-        seq = 0  # frames sent (TokenChunk.seq)
+        reply = ReplyStream(self._back.send, request_id, self.config.stream_interval, self._count_tokens)
         # The engine's id for this run: unique, because the same request may come back to this process
         # (after a dropped connection) while this run's cancellation still unwinds.
         engine_id = f"{request_id.hex()}-{next(self._runs)}"
@@ -265,40 +252,26 @@ class Worker:
             async with contextlib.aclosing(self.engine.generate(request, engine_id)) as outputs:
                 async for output in outputs:
                     if output.finish_reason is not None:
-                        done = self._done(output, seq + 1)
-                        send([pack_header(Kind.DONE, request_id), _within_limit(encode(done))])
+                        reply.finish(output, self.worker_id)
                         break
-                    if output.text or output.token_ids:
-                        seq += 1
-                        chunk = TokenChunk(output.text, output.token_ids, output.logprobs, seq)
-                        body = _within_limit(encode(chunk))
-                        send([tokens_header, body])
-                        self._speed.add(len(output.token_ids), time.monotonic())
+                    reply.add(output)
         except asyncio.CancelledError:
+            reply.discard()
             await self.engine.abort(engine_id)
             raise
         except EngineError as exc:
-            send(error_frames(request_id, exc.code, exc.message, self.worker_id))
+            reply.fail(error_frames(request_id, exc.code, exc.message, self.worker_id))
         except Exception as exc:
             log.exception("request %s failed", request_id.hex())
-            send(error_frames(request_id, ErrorCode.INTERNAL, f"engine failure: {exc}", self.worker_id))
+            reply.fail(error_frames(request_id, ErrorCode.INTERNAL, f"engine failure: {exc}", self.worker_id))
         finally:
+            reply.discard()
             if self._active.get(request_id) is asyncio.current_task():  # not a later run of the same id
                 del self._active[request_id]
             self._load_changed.set()
 
-    def _done(self, output: EngineOutput, seq: int) -> Done:
-        self._speed.add(len(output.token_ids), time.monotonic())
-        return Done(
-            output.finish_reason,  # type: ignore[arg-type]
-            output.prompt_tokens,
-            output.completion_tokens,
-            self.worker_id,
-            output.text,
-            output.token_ids,
-            output.logprobs,
-            seq,
-        )
+    def _count_tokens(self, count: int) -> None:
+        self._speed.add(count, time.monotonic())
 
     # ------------------------------------------------------------------ announcements
 

@@ -324,7 +324,8 @@ async def test_a_client_that_stops_reading_stalls_no_one_and_memory_stays_bounde
     processes: ProcessGroup, broker_url: str
 ) -> None:
     broker = processes.broker(broker_url)
-    worker = processes.synthetic_worker(broker_url, "w1", "--capacity", "48")
+    # A frame per token (no stream interval): the flood of frames this test needs to fill the queues.
+    worker = processes.synthetic_worker(broker_url, "w1", "--capacity", "48", "--stream-interval-ms", "0")
     context = zmq.Context()
     stalled = context.socket(zmq.DEALER)
     try:

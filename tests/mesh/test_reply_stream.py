@@ -1,0 +1,154 @@
+"""The worker's reply stream (mesh.reply_stream): numbering, pacing, and what rides on DONE.
+
+No sockets: the frames it would send are collected and decoded, as the broker and client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh.engines import EngineError, EngineOutput
+from mesh.protocol import (
+    MAX_MESSAGE_BYTES,
+    Done,
+    ErrorCode,
+    FinishReason,
+    Kind,
+    TokenChunk,
+    TokenLogprob,
+    decode,
+    error_frames,
+    parse_header,
+)
+from mesh.reply_stream import ReplyStream
+
+REQUEST_ID = bytes(range(16))
+
+
+class Sent:
+    """The frames a ReplyStream sent, decoded."""
+
+    def __init__(self) -> None:
+        self.frames: list[list[bytes]] = []
+
+    def __call__(self, frames: list[bytes]) -> None:
+        self.frames.append(frames)
+
+    def decoded(self) -> list[TokenChunk | Done | Kind]:
+        out: list[TokenChunk | Done | Kind] = []
+        for frames in self.frames:
+            kind, request_id = parse_header(frames[0])
+            assert request_id == REQUEST_ID
+            if kind is Kind.TOKENS:
+                out.append(decode(frames[1], TokenChunk))
+            elif kind is Kind.DONE:
+                out.append(decode(frames[1], Done))
+            else:
+                out.append(kind)
+        return out
+
+
+def token(i: int, logprob: bool = False) -> EngineOutput:
+    logprobs = [TokenLogprob(i, f" t{i}", -0.5)] if logprob else None
+    return EngineOutput(text=f" t{i}", token_ids=[i], logprobs=logprobs)
+
+
+def last(i: int) -> EngineOutput:
+    output = token(i)
+    output.finish_reason, output.prompt_tokens, output.completion_tokens = FinishReason.LENGTH, 3, i
+    return output
+
+
+async def test_with_no_interval_every_step_is_a_frame_numbered_from_one() -> None:
+    sent = Sent()
+    reply = ReplyStream(sent, REQUEST_ID, 0.0)
+    for i in range(1, 4):
+        reply.add(token(i))
+    reply.finish(last(4), "w1")
+    chunks = sent.decoded()
+    assert [c.token_ids for c in chunks] == [[1], [2], [3], [4]]
+    assert [c.seq for c in chunks] == [1, 2, 3, 4]  # type: ignore[union-attr]
+    done = chunks[-1]
+    assert isinstance(done, Done) and done.finish_reason is FinishReason.LENGTH and done.worker_id == "w1"
+
+
+async def test_steps_faster_than_the_interval_travel_together_and_none_is_lost() -> None:
+    sent = Sent()
+    counted: list[int] = []
+    reply = ReplyStream(sent, REQUEST_ID, 10.0, counted.append)  # longer than this test: only DONE sends the rest
+    for i in range(1, 11):
+        reply.add(token(i, logprob=True))
+    assert len(sent.frames) == 1  # the first step left at once
+    reply.finish(last(11), "w1")
+    first, done = sent.decoded()
+    assert isinstance(first, TokenChunk) and first.token_ids == [1] and first.seq == 1
+    assert isinstance(done, Done) and done.seq == 2
+    assert done.token_ids == list(range(2, 12))
+    assert done.text == "".join(f" t{i}" for i in range(2, 12))
+    assert [entry.token_id for entry in done.logprobs or []] == list(range(2, 11))  # the last output had none
+    assert sum(counted) == 11
+
+
+async def test_held_tokens_leave_when_the_interval_is_up_without_waiting_for_more() -> None:
+    sent = Sent()
+    reply = ReplyStream(sent, REQUEST_ID, 0.02)
+    reply.add(token(1))
+    reply.add(token(2))
+    reply.add(token(3))
+    assert len(sent.frames) == 1
+    await asyncio.sleep(0.1)  # the engine is slow to make token 4: 2 and 3 must not wait for it
+    chunks = sent.decoded()
+    assert [c.token_ids for c in chunks] == [[1], [2, 3]]  # type: ignore[union-attr]
+    reply.add(token(4))  # the last frame left long enough ago: at once
+    assert [c.token_ids for c in sent.decoded()] == [[1], [2, 3], [4]]  # type: ignore[union-attr]
+    assert [c.seq for c in sent.decoded()] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+async def test_the_echo_is_a_frame_of_its_own_and_does_not_hold_the_first_token() -> None:
+    sent = Sent()
+    reply = ReplyStream(sent, REQUEST_ID, 10.0)
+    reply.add(EngineOutput(text="the prompt"))
+    reply.add(token(1))
+    chunks = sent.decoded()
+    assert [(c.text, c.token_ids) for c in chunks] == [("the prompt", []), (" t1", [1])]  # type: ignore[union-attr]
+
+
+async def test_an_error_sends_the_held_tokens_first() -> None:
+    sent = Sent()
+    reply = ReplyStream(sent, REQUEST_ID, 10.0)
+    reply.add(token(1))
+    reply.add(token(2))
+    reply.fail(error_frames(REQUEST_ID, ErrorCode.INTERNAL, "engine failure"))
+    assert sent.decoded()[:2] == [TokenChunk(" t1", [1], seq=1), TokenChunk(" t2", [2], seq=2)]
+    assert parse_header(sent.frames[2][0])[0] is Kind.ERROR
+
+
+async def test_a_cancelled_request_sends_nothing_more() -> None:
+    sent = Sent()
+
+    async def serve() -> None:
+        reply = ReplyStream(sent, REQUEST_ID, 0.02)
+        reply.add(token(1))
+        reply.add(token(2))
+        await asyncio.sleep(10)  # cancelled here, as the worker cancels a request the broker took back
+
+    task = asyncio.create_task(serve())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0.1)  # past the interval: the held token's timer has fired
+    assert [c.token_ids for c in sent.decoded()] == [[1]]  # type: ignore[union-attr]
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_held_tokens_too_large_for_a_frame_fail_the_request_at_its_next_step() -> None:
+    sent = Sent()
+    reply = ReplyStream(sent, REQUEST_ID, 0.01)
+    reply.add(token(1))
+    reply.add(EngineOutput(text="x" * (MAX_MESSAGE_BYTES + 1), token_ids=[2]))
+    await asyncio.sleep(0.05)  # the timer found it too large to send
+    with pytest.raises(EngineError, match="message limit"):
+        reply.add(token(3))
+    assert [c.token_ids for c in sent.decoded()] == [[1]]  # type: ignore[union-attr]
