@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -112,6 +112,11 @@ async def _mesh_client(app: web.Application) -> AsyncIterator[None]:
 # ----------------------------------------------------------------------------- middlewares
 
 
+def _random_id() -> str:
+    """32 random hex digits, as uuid4().hex but a fifth of its cost (no UUID object on the hot path)."""
+    return os.urandom(16).hex()
+
+
 def _route_name(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
@@ -121,7 +126,7 @@ def _route_name(request: web.Request) -> str:
 async def _outer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, errors into OpenAI's shape, and the request counters."""
     offered = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = offered if _REQUEST_ID_RE.match(offered) else uuid.uuid4().hex
+    request[REQUEST_ID] = offered if _REQUEST_ID_RE.match(offered) else _random_id()
     request[ARRIVED] = time.perf_counter()
     metrics = request.app[STATE].metrics
     error: ApiError | None = None
@@ -187,7 +192,7 @@ def _cors_headers(config: GatewayConfig, request: web.Request, response: web.Str
 
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or uuid.uuid4().hex
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or _random_id()
     _cors_headers(request.app[STATE].config, request, response)
 
 
@@ -296,7 +301,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     choices = chat_choices(body, _model_limits(state.mesh, body.model), state.config.default_max_tokens)
     generation = _Generation(request, state, body.model, choices)
     created = int(time.time())
-    id_ = f"chatcmpl-{uuid.uuid4().hex}"
+    id_ = f"chatcmpl-{_random_id()}"
     if body.stream:
         encoder = ChatChunkEncoder(id_, created, body.model, _include_usage(body))
         return await generation.stream(_ChatEvents(encoder, body.logprobs), _include_usage(body), encoder.usage)
@@ -310,7 +315,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     choices = completion_choices(body, _model_limits(state.mesh, body.model))
     generation = _Generation(request, state, body.model, choices)
     created = int(time.time())
-    id_ = f"cmpl-{uuid.uuid4().hex}"
+    id_ = f"cmpl-{_random_id()}"
     if body.stream:
         encoder = CompletionChunkEncoder(id_, created, body.model, _include_usage(body))
         return await generation.stream(
