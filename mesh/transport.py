@@ -150,14 +150,19 @@ class AsyncChannel:
         for _ in range(limit):
             try:
                 frames = recv_nowait(sock)
-            except zmq.Again:
+            except zmq.ZMQError:  # Again, or closed under us
                 return
-            except zmq.ZMQError:
-                return  # closed under us
             try:
                 handle(frames)
             except Exception:
                 log.exception("dropped a message its handler could not take")
+            # Asking is cheaper than the zmq.Again a receive raises on an empty socket, and most
+            # wake-ups bring one message. It also leaves the descriptor ready to signal the next one.
+            try:
+                if not _raw_get(sock, _EVENTS) & _POLLIN:
+                    return
+            except zmq.ZMQError:  # the handler closed it
+                return
         self._schedule_drain()  # more is waiting: let other callbacks run first
 
     def _schedule_drain(self) -> None:
