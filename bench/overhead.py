@@ -44,6 +44,7 @@ from mesh.client import MeshClient
 from mesh.engines.base import EngineConfig
 from mesh.engines.synthetic import SyntheticEngine
 from mesh.protocol import GenerateRequest
+from mesh.reply_stream import DEFAULT_STREAM_INTERVAL
 
 ADDED_P50_TARGET_MS = 1.0
 ADDED_P99_TARGET_MS = 3.0
@@ -96,6 +97,7 @@ async def run(
         "requests_per_level": requests,
         "max_tokens": max_tokens,
         "engine": "synthetic, no delay (fake tokens)",
+        "stream_interval_ms": DEFAULT_STREAM_INTERVAL * 1000,  # the worker's default (mesh.reply_stream)
         "max_seconds_per_level": max_seconds,
         "placement": dataclasses.asdict(placement) if placement else "the OS scheduler's",
     }
