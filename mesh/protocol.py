@@ -179,7 +179,8 @@ class TokenLogprob(msgspec.Struct, array_like=True, gc=False, omit_defaults=True
 
 
 class TokenChunk(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
-    """Every token one request gained in one engine step (a delta, never cumulative)."""
+    """Every token one request gained since its previous frame (a delta, never cumulative): one
+    engine step, or several joined when they came faster than the worker's stream interval."""
 
     text: str
     token_ids: list[int]
