@@ -94,6 +94,7 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
         progress=not args.no_progress,
         profile=args.profile,
         pin=args.pin,
+        stream_interval_ms=args.stream_interval_ms,
     )
 
 
@@ -191,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin",
         action="store_true",
         help="broker and worker on one CPU, gateway and the bench client on another (--cpus)",
+    )
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        metavar="MS",
+        help="the worker's --stream-interval-ms (default: the worker's own, 0.5); 0 sends every token as a frame",
     )
 
     for name, text in (

@@ -46,7 +46,7 @@ class SyntheticMesh:
 
 
 async def start_synthetic_mesh(
-    logs: Path, capacity: int, gateway: bool, placement: Placement | None = None
+    logs: Path, capacity: int, gateway: bool, placement: Placement | None = None, worker_args: tuple[str, ...] = ()
 ) -> SyntheticMesh:
     def cpus(value: str | None) -> tuple[str, ...]:
         return ("--cpus", value) if value is not None else ()
@@ -63,6 +63,7 @@ async def start_synthetic_mesh(
             "--log-level",
             "WARNING",
             *cpus(placement and placement.worker),
+            *worker_args,
             models=SYNTHETIC_MODEL,
         )
         await wait_for_models(url, [SYNTHETIC_MODEL], [broker, worker], timeout=60)

@@ -90,14 +90,16 @@ async def run(
     progress: bool = True,
     profile: bool = False,
     pin: bool = False,
+    stream_interval_ms: float | None = None,
 ) -> SuiteResult:
     placement = Placement.split() if pin else None
+    worker_args = () if stream_interval_ms is None else ("--stream-interval-ms", str(stream_interval_ms))
     params = {
         "concurrency": levels,
         "requests_per_level": requests,
         "max_tokens": max_tokens,
         "engine": "synthetic, no delay (fake tokens)",
-        "stream_interval_ms": DEFAULT_STREAM_INTERVAL * 1000,  # the worker's default (mesh.reply_stream)
+        "stream_interval_ms": DEFAULT_STREAM_INTERVAL * 1000 if stream_interval_ms is None else stream_interval_ms,
         "max_seconds_per_level": max_seconds,
         "placement": dataclasses.asdict(placement) if placement else "the OS scheduler's",
     }
@@ -105,7 +107,9 @@ async def run(
     if placement is not None:  # this process, and the threads it starts from now on
         os.sched_setaffinity(0, cpu_list(placement.client))
     try:
-        return await _run(out, params, levels, requests, max_tokens, gateway, max_seconds, progress, profile, placement)
+        return await _run(
+            out, params, levels, requests, max_tokens, gateway, max_seconds, progress, profile, placement, worker_args
+        )
     finally:
         os.sched_setaffinity(0, affinity)
 
@@ -121,6 +125,7 @@ async def _run(
     progress: bool,
     profile: bool,
     placement: Placement | None,
+    worker_args: tuple[str, ...],
 ) -> SuiteResult:
     from tqdm import tqdm
 
@@ -136,7 +141,11 @@ async def _run(
             "engine", lambda: engine_requester(engine, max_tokens), levels, requests, max_seconds, bar
         )
         mesh = await start_synthetic_mesh(
-            out / "logs" / "overhead", capacity=max(levels), gateway=gateway, placement=placement
+            out / "logs" / "overhead",
+            capacity=max(levels),
+            gateway=gateway,
+            placement=placement,
+            worker_args=worker_args,
         )
         with mesh.group:
             async with MeshClient(mesh.broker_url) as client:
