@@ -3,8 +3,9 @@
 A step's tokens leave at once when the request's previous frame left at least
 `interval` seconds ago. Otherwise they are held, joined with the next steps'
 tokens, until it has (or until the last frame, DONE, which carries them). So no
-token waits longer than `interval`, and an engine whose steps take longer
-(every real model: a decode step takes milliseconds) is never held at all.
+token waits longer than `interval`, and the tokens of an engine whose steps
+take longer (every real model: a decode step takes milliseconds) are seldom
+held, only when a step's output reaches the worker late.
 
 What it is for: an engine that outruns the mesh, such as the synthetic engine
 with no delay, would send a frame per token. On a machine with few cores the
@@ -27,7 +28,7 @@ from mesh.protocol import MAX_MESSAGE_BYTES, Done, ErrorCode, Kind, TokenChunk, 
 DEFAULT_STREAM_INTERVAL = 0.0005
 
 
-def within_limit(body: bytes) -> bytes:
+def _within_limit(body: bytes) -> bytes:
     """`body`, if the broker will take it: a larger frame would make it drop this worker's
     connection, and every other request's frames in flight on it."""
     if len(body) > MAX_MESSAGE_BYTES:
@@ -66,10 +67,6 @@ class ReplyStream:
         self._held: TokenChunk | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._failure: EngineError | None = None
-
-    @property
-    def frames_sent(self) -> int:
-        return self._sent
 
     def add(self, output: EngineOutput) -> None:
         """A step's output without a finish reason: sent now, or held for at most the interval."""
@@ -111,7 +108,7 @@ class ReplyStream:
             logprobs,
             self._sent + 1,
         )
-        self._send([pack_header(Kind.DONE, self._request_id), within_limit(encode(done))])
+        self._send([pack_header(Kind.DONE, self._request_id), _within_limit(encode(done))])
 
     def fail(self, error_frames: list[bytes]) -> None:
         """Ends the reply with an error; the tokens held go first, as they would have without holding."""
@@ -143,7 +140,7 @@ class ReplyStream:
 
     def _emit(self, chunk: TokenChunk, paced: bool = True) -> None:
         chunk.seq = self._sent + 1
-        body = within_limit(encode(chunk))
+        body = _within_limit(encode(chunk))
         self._sent += 1
         self._send([self._tokens_header, body])
         if paced:  # the echo does not hold back the first token

@@ -256,7 +256,6 @@ class Worker:
                         break
                     reply.add(output)
         except asyncio.CancelledError:
-            reply.discard()
             await self.engine.abort(engine_id)
             raise
         except EngineError as exc:
