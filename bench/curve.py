@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.processes import MESH_CLI, synthetic_worker_command
 from mesh.client import MeshClient
 from mesh.keys import broker_dir, init_keys, plan_nodes
 from mesh.protocol import GenerateRequest
@@ -67,31 +68,16 @@ def _port_free(port: int) -> bool:
 def _mesh(url: str, keys: Path | None, logs: Path):  # type: ignore[no-untyped-def]
     """A broker and one synthetic worker (fake tokens), always stopped."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    mesh = [sys.executable, "-m", "mesh.cli"]
     broker_keys = ["--keys", str(broker_dir(keys))] if keys else []
     worker_keys = ["--keys", str(keys / "workers" / "worker-1")] if keys else []
     logs.mkdir(parents=True, exist_ok=True)
     children = []
     try:
         for name, argv in (
-            ("broker", [*mesh, "broker", "--broker", url, *broker_keys]),
+            ("broker", [*MESH_CLI, "broker", "--broker", url, *broker_keys]),
             (
                 "worker",
-                [
-                    *mesh,
-                    "worker",
-                    "--broker",
-                    url,
-                    "--backend",
-                    "synthetic",
-                    "--model-names",
-                    MODEL,
-                    "--capacity",
-                    "64",
-                    "--log-level",
-                    "WARNING",
-                    *worker_keys,
-                ],
+                synthetic_worker_command(url, MODEL, "--capacity", "64", "--log-level", "WARNING", *worker_keys),
             ),
         ):
             with (logs / f"{name}.log").open("wb") as log:

@@ -74,6 +74,15 @@ def mesh_env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: How every mesh process is started: this interpreter, the CLI module.
+MESH_CLI = (sys.executable, "-m", "mesh.cli")
+
+
+def synthetic_worker_command(url: str, models: str, *args: str) -> list[str]:
+    """`mesh worker` on the synthetic engine (fake tokens; for benchmarks and fault tests, not a model)."""
+    return [*MESH_CLI, "worker", "--broker", url, "--backend", "synthetic", "--model-names", models, *args]
+
+
 @dataclass
 class Process:
     """A child process with its output in a log file."""
@@ -145,26 +154,14 @@ class ProcessGroup:
         return process
 
     def mesh(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-        return self.start(name, [sys.executable, "-m", "mesh.cli", *args], env)
+        return self.start(name, [*MESH_CLI, *args], env)
 
     def broker(self, url: str, *args: str) -> Process:
         return self.mesh("broker", "broker", "--broker", url, *args)
 
     def synthetic_worker(self, url: str, worker_id: str, *args: str, models: str = "synthetic") -> Process:
         """A worker on the synthetic engine (fake tokens; for benchmarks and fault tests, not a model)."""
-        return self.mesh(
-            f"worker-{worker_id}",
-            "worker",
-            "--broker",
-            url,
-            "--backend",
-            "synthetic",
-            "--model-names",
-            models,
-            "--worker-id",
-            worker_id,
-            *args,
-        )
+        return self.start(f"worker-{worker_id}", synthetic_worker_command(url, models, "--worker-id", worker_id, *args))
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.processes import synthetic_worker_command
 from mesh.keys import init_keys, plan_nodes
 from tests.support import ProcessGroup, wait_until
 
@@ -192,25 +193,9 @@ def test_four_hosts_with_curve_and_a_cut_link(processes: ProcessGroup, lab: Lab,
             lab.argv("br", *python, "broker", "--broker", f"tcp://0.0.0.0:{PORT}", "--keys", str(keys / "broker")),
         )
         for worker in ("w1", "w2"):
+            worker_args = ("--worker-id", worker, "--itl-ms", "40", "--keys", str(keys / "workers" / worker))
             processes.start(
-                f"worker-{worker}",
-                lab.argv(
-                    worker,
-                    *python,
-                    "worker",
-                    "--broker",
-                    url,
-                    "--backend",
-                    "synthetic",
-                    "--model-names",
-                    "synthetic",
-                    "--worker-id",
-                    worker,
-                    "--itl-ms",
-                    "40",
-                    "--keys",
-                    str(keys / "workers" / worker),
-                ),
+                f"worker-{worker}", lab.argv(worker, *synthetic_worker_command(url, "synthetic", *worker_args))
             )
         processes.start(
             "gateway",
