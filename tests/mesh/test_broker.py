@@ -112,7 +112,10 @@ async def test_requests_dropped_for_a_client_that_stopped_reading_end_with_an_er
     """The broker drops the requests of a client whose connection stays full; once the client reads
     again, each of them ends with DONE or with the broker's error, none in silence."""
     processes.broker(broker_url)
-    processes.synthetic_worker(broker_url, "w1", "--capacity", "16")
+    # Unpaced, so 16 fast streams send one frame per token: tens of thousands of frames, enough to
+    # fill the broker's high-water mark (counted in frames) towards the client. Paced, the same
+    # tokens travel in so few frames that they all fit, and nothing is ever dropped.
+    processes.synthetic_worker(broker_url, "w1", "--capacity", "16", "--stream-interval-ms", "0")
     ctx = zmq.Context()
     try:
         stalled = ctx.socket(zmq.DEALER)
