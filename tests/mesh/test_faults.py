@@ -181,19 +181,36 @@ async def test_a_blip_on_a_workers_connection_loses_no_token(processes: ProcessG
     back = TcpRelay(_port(relayed) + 1, _port(broker_url) + 1)
     bus_in = TcpRelay(_port(relayed) + 2, _port(broker_url) + 2)
     async with back, bus_in:
-        # Tokens with no delay: at any moment some are on the wire, and a cut loses them.
-        processes.synthetic_worker(relayed, "w1", "--capacity", "4")
+        # Tokens with no delay, a frame each (unpaced): at any moment many are on the wire, and a cut
+        # loses them.
+        processes.synthetic_worker(relayed, "w1", "--capacity", "4", "--stream-interval-ms", "0")
         async with MeshClient(broker_url) as client:
             await wait_for_workers(client, 1)
-            # Cut right after the submits (they may be lost on the way), then mid-stream.
-            for round_, cut_after in enumerate((0.005, 0.2, 0.01, 0.3)):
+
+            async def collect(request: GenerateRequest, under_way: asyncio.Event, tokens_in: int) -> str:
+                texts: list[str] = []
+                received = 0
+                async for chunk in client.generate(request):
+                    texts.append(chunk.text)
+                    received += len(chunk.token_ids)
+                    if received >= tokens_in:
+                        under_way.set()
+                return "".join(texts)
+
+            # Cut right after the submits (they may be lost on the way), or once a stream is 100 or
+            # 1000 of its 1500+ tokens in: mid-stream however fast the machine runs them.
+            for round_, tokens_in in enumerate((0, 100, 0, 1000)):
                 requests = [_request(10 * round_ + i, 1500 + 100 * i) for i in range(5)]
-                pending = [asyncio.create_task(client.complete(r)) for r in requests]
-                await asyncio.sleep(cut_after)
+                under_way = asyncio.Event()
+                pending = [asyncio.create_task(collect(r, under_way, tokens_in)) for r in requests]
+                if tokens_in:
+                    await asyncio.wait_for(under_way.wait(), 10)
+                else:
+                    await asyncio.sleep(0.005)
                 assert back.cut() == 1
                 done = await asyncio.wait_for(asyncio.gather(*pending), 30)
-                for request, result in zip(requests, done, strict=True):
-                    assert result.text == await _expected_text(request), f"round {round_}"
+                for request, text in zip(requests, done, strict=True):
+                    assert text == await _expected_text(request), f"round {round_}"
             await _until(
                 lambda: client.broker_info is not None and client.broker_info.inflight == 0,
                 5,

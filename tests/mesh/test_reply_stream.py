@@ -25,6 +25,9 @@ from mesh.protocol import (
 from mesh.reply_stream import ReplyStream
 
 REQUEST_ID = bytes(range(16))
+#: Where a test needs tokens held and then sent by the timer: long enough that a stall of the test
+#: process between two statements (on a busy CI machine) does not pass for the interval running out.
+INTERVAL = 0.5
 
 
 class Sent:
@@ -93,12 +96,14 @@ async def test_steps_faster_than_the_interval_travel_together_and_none_is_lost()
 
 async def test_held_tokens_leave_when_the_interval_is_up_without_waiting_for_more() -> None:
     sent = Sent()
-    reply = ReplyStream(sent, REQUEST_ID, 0.3)
+    reply = ReplyStream(sent, REQUEST_ID, INTERVAL)
     reply.add(token(1))
     reply.add(token(2))
     reply.add(token(3))
     assert len(sent.frames) == 1
-    await asyncio.sleep(0.6)  # the engine is slow to make token 4: 2 and 3 must not wait for it
+    # The engine is slow to make token 4: 2 and 3 must not wait for it, and by the time it comes, a
+    # whole interval has passed since they left.
+    await asyncio.sleep(2.5 * INTERVAL)
     chunks = sent.decoded()
     assert [c.token_ids for c in chunks] == [[1], [2, 3]]  # type: ignore[union-attr]
     reply.add(token(4))  # the last frame left long enough ago: at once
@@ -129,7 +134,7 @@ async def test_a_cancelled_request_sends_nothing_more() -> None:
     sent = Sent()
 
     async def serve() -> None:
-        reply = ReplyStream(sent, REQUEST_ID, 0.3)
+        reply = ReplyStream(sent, REQUEST_ID, INTERVAL)
         reply.add(token(1))
         reply.add(token(2))
         await asyncio.sleep(10)  # cancelled here, as the worker cancels a request the broker took back
@@ -137,7 +142,7 @@ async def test_a_cancelled_request_sends_nothing_more() -> None:
     task = asyncio.create_task(serve())
     await asyncio.sleep(0)
     task.cancel()
-    await asyncio.sleep(0.6)  # past the interval: the held token's timer has fired
+    await asyncio.sleep(1.5 * INTERVAL)  # past the interval: the held token's timer has fired
     assert [c.token_ids for c in sent.decoded()] == [[1]]  # type: ignore[union-attr]
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -146,11 +151,11 @@ async def test_a_cancelled_request_sends_nothing_more() -> None:
 async def test_held_tokens_too_large_for_a_frame_fail_the_request_at_its_next_step() -> None:
     sent = Sent()
     too_large = EngineOutput(text="x" * (MAX_MESSAGE_BYTES + 1), token_ids=[2])  # built first: it takes a while
-    reply = ReplyStream(sent, REQUEST_ID, 0.3)
+    reply = ReplyStream(sent, REQUEST_ID, INTERVAL)
     reply.add(token(1))
     reply.add(too_large)  # held: the first frame left just now
     assert len(sent.frames) == 1
-    await asyncio.sleep(0.6)  # the timer found it too large to send
+    await asyncio.sleep(1.5 * INTERVAL)  # the timer found it too large to send
     with pytest.raises(EngineError, match="message limit"):
         reply.add(token(3))
     assert [c.token_ids for c in sent.decoded()] == [[1]]  # type: ignore[union-attr]
