@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.processes import free_broker_url, free_port
+from bench.processes import MESH_CLI, free_broker_url, free_port, synthetic_worker_command
 from mesh.client import MeshClient
 from mesh.errors import MeshError, ModelNotFoundError
 from mesh.protocol import GenerateRequest
@@ -112,21 +112,14 @@ class Soak:
         self.url = free_broker_url()
         self.gateway_port = free_port()
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        mesh = [sys.executable, "-m", "mesh.cli"]
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.broker = Child("broker", [*mesh, "broker", "--broker", self.url], logs / "broker.log")
+        self.broker = Child("broker", [*MESH_CLI, "broker", "--broker", self.url], logs / "broker.log")
         self.workers = [
             Child(
                 f"worker-{i}",
-                [
-                    *mesh,
-                    "worker",
-                    "--broker",
+                synthetic_worker_command(
                     self.url,
-                    "--backend",
-                    "synthetic",
-                    "--model-names",
                     MODEL,
                     "--worker-id",
                     f"soak-{i}",
@@ -136,7 +129,7 @@ class Soak:
                     "16",
                     "--log-level",
                     "WARNING",
-                ],
+                ),
                 logs / f"worker-{i}.log",
             )
             for i in range(args.workers)
@@ -145,7 +138,7 @@ class Soak:
             Child(
                 "gateway",
                 [
-                    *mesh,
+                    *MESH_CLI,
                     "gateway",
                     "openai",
                     "--broker",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.processes import synthetic_worker_command
+from bench.processes import MESH_CLI, synthetic_worker_command
 from mesh.keys import init_keys, plan_nodes
 from tests.support import ProcessGroup, wait_until
 
@@ -186,11 +186,10 @@ def test_four_hosts_with_curve_and_a_cut_link(processes: ProcessGroup, lab: Lab,
     keys = tmp_path / "keys"
     init_keys(keys, plan_nodes(0, 0, ["w1", "w2"], ["driver", "gateway"]))
     url = f"tcp://{BROKER_IP}:{PORT}"
-    python = [sys.executable, "-m", "mesh.cli"]
     try:
         broker = processes.start(
             "broker",
-            lab.argv("br", *python, "broker", "--broker", f"tcp://0.0.0.0:{PORT}", "--keys", str(keys / "broker")),
+            lab.argv("br", *MESH_CLI, "broker", "--broker", f"tcp://0.0.0.0:{PORT}", "--keys", str(keys / "broker")),
         )
         for worker in ("w1", "w2"):
             worker_args = ("--worker-id", worker, "--itl-ms", "40", "--keys", str(keys / "workers" / worker))
@@ -201,7 +200,7 @@ def test_four_hosts_with_curve_and_a_cut_link(processes: ProcessGroup, lab: Lab,
             "gateway",
             lab.argv(
                 "cl",
-                *python,
+                *MESH_CLI,
                 "gateway",
                 "openai",
                 "--broker",
