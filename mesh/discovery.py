@@ -28,6 +28,8 @@ class MeshView:
 
     expiry: float = field(default_factory=expiry_after)
     _workers: dict[str, tuple[Announcement, float]] = field(default_factory=dict)
+    #: Every model name a worker has announced since this view began, live or not.
+    served_once: set[str] = field(default_factory=set)
 
     def apply(self, announcement: Announcement, now: float) -> None:
         current = self._workers.get(announcement.worker_id)
@@ -38,6 +40,7 @@ class MeshView:
         ):
             return  # an older announcement overtaken by a newer one
         self._workers[announcement.worker_id] = (announcement, now)
+        self.served_once.update(announcement.models)
 
     def remove(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)

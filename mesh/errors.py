@@ -3,6 +3,7 @@
 MeshError
 ├── RequestError            the request itself was refused or failed
 │   ├── BadRequestError         bad_request
+│   │   └── ContextLengthError      context_length_exceeded
 │   ├── ModelNotFoundError      model_not_found
 │   ├── OverloadedError         overloaded
 │   ├── WorkerLostError         worker_lost
@@ -31,6 +32,10 @@ class RequestError(MeshError):
 
 class BadRequestError(RequestError):
     code = ErrorCode.BAD_REQUEST.value
+
+
+class ContextLengthError(BadRequestError):
+    code = ErrorCode.CONTEXT_LENGTH_EXCEEDED.value
 
 
 class ModelNotFoundError(RequestError):
@@ -63,6 +68,7 @@ class BrokerUnavailableError(MeshError):
 
 _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.BAD_REQUEST: BadRequestError,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: ContextLengthError,
     ErrorCode.MODEL_NOT_FOUND: ModelNotFoundError,
     ErrorCode.OVERLOADED: OverloadedError,
     ErrorCode.WORKER_LOST: WorkerLostError,

@@ -65,6 +65,9 @@ class ErrorCode(enum.Enum):
     OVERLOADED = "overloaded"
     WORKER_LOST = "worker_lost"
     BAD_REQUEST = "bad_request"
+    #: A bad request whose prompt plus max_tokens do not fit the model's context. It has its own
+    #: code because clients act on it: OpenAI's name, which LangChain and LiteLLM recognise.
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
     #: A worker that cannot take a request it was sent (draining, full): the

@@ -282,11 +282,22 @@ async def _read_body(request: web.Request, model: type[_Body]) -> _Body:
 
 
 def _model_limits(client: MeshClient, model: str) -> ModelLimits:
-    """From the bus view: no round trip. A model no live worker serves is a 404 at once."""
+    """From the bus view: no round trip. A model no live worker serves is a 404 at once, or a 503 when
+    one served it earlier."""
     if not client.broker_alive:
         raise from_mesh_error(BrokerUnavailableError(f"no broker answers at {client.endpoints.front}"))
     workers = client.models().get(model)
     if not workers:
+        if model in client.view.served_once:
+            # Its workers are gone, perhaps restarting: a retry may succeed, so not a 404 (which the
+            # SDK never retries).
+            raise ApiError(
+                503,
+                f"no live worker serves the model {model!r} at the moment",
+                "service_unavailable",
+                param="model",
+                code="model_unavailable",
+            )
         raise _model_not_found(model)
     return ModelLimits(max(w.context_length for w in workers))
 

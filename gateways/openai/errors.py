@@ -2,12 +2,16 @@
 
 mesh error                  HTTP  OpenAI type
 BadRequestError             400   invalid_request_error  (includes a prompt over the context)
+ContextLengthError          400   invalid_request_error  code context_length_exceeded
 ModelNotFoundError          404   invalid_request_error  code model_not_found
+(a model served before, no live worker now)  503  service_unavailable  code model_unavailable
 OverloadedError             429   rate_limit_error       (every worker full, the broker's queue too)
 WorkerLostError             503   service_unavailable    (transient: the worker died; retry)
 BrokerUnavailableError      503   service_unavailable
 MeshTimeoutError            504   timeout
 EngineFailureError          500   server_error           (a real fault in the engine)
+
+A 429 or 503 carries Retry-After: 1, which the SDK's retries honour.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from mesh import errors as mesh_errors
+
+#: Statuses that say "try again shortly" (overloaded, no worker, no broker), and how shortly.
+_RETRYABLE = frozenset({429, 503})
+RETRY_AFTER_SECONDS = "1"
 
 
 class ApiError(Exception):
@@ -45,6 +53,8 @@ class ApiError(Exception):
         return orjson.dumps(self.body())
 
     def response(self) -> web.Response:
+        if self.status in _RETRYABLE:
+            self.headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
         return web.Response(
             status=self.status, body=self.encode(), content_type="application/json", headers=self.headers
         )

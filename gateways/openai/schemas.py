@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticUseDefault
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -21,6 +22,21 @@ MAX_COMPLETION_LOGPROBS = 5
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, description="same seed and request, same text")]
 INT32_MAX = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+def _null_means_default(value: Any) -> Any:
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+def null_means_default(kind: Any) -> BeforeValidator:
+    """For a field OpenAI's API lets clients send as null (the SDK sends an explicit None so): null is
+    the default, and /openapi.json says null is allowed."""
+    return BeforeValidator(_null_means_default, json_schema_input_type=kind | None)
+
+
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 
 
 class _Request(BaseModel):
@@ -53,6 +69,8 @@ class ChatMessageParam(_Request):
 class _SamplingParams(_Request):
     model: str = Field(min_length=1, examples=["smollm2-135m-instruct"])
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    #: The newer name of max_tokens (give one of them); taken on /v1/completions too, as vLLM does.
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX, description="extension: -1 or 0 for off")
@@ -61,18 +79,17 @@ class _SamplingParams(_Request):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="extension")
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = Field(default=None, description="extension")
-    ignore_eos: bool = Field(default=False, description="extension")
+    ignore_eos: Annotated[bool, null_means_default(bool), Field(description="extension")] = False
     seed: Seed | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    n: Annotated[Choices, null_means_default(Choices)] = 1
+    stream: Annotated[bool, null_means_default(bool)] = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
 
 class ChatCompletionRequest(_SamplingParams):
     messages: list[ChatMessageParam] = Field(min_length=1, examples=[[{"role": "user", "content": "Hello!"}]])
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    logprobs: bool = False
+    logprobs: Annotated[bool, null_means_default(bool)] = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
@@ -84,7 +101,11 @@ class CompletionRequest(_SamplingParams):
     prompt: Prompt = Field(examples=["Once upon a time", ["one", "two"], [1, 2, 3]])
     # 0 with echo and logprobs scores a prompt without generating (how evaluation harnesses use it).
     max_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
-    echo: bool = Field(default=False, description="prefix the prompt; with logprobs, the prompt's tokens get them too")
+    echo: Annotated[
+        bool,
+        null_means_default(bool),
+        Field(description="prefix the prompt; with logprobs, the prompt's tokens get them too"),
+    ] = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
@@ -92,7 +113,7 @@ def _is_off(value: Any) -> bool:
     return value is None or value is False or value == [] or value == {} or value == ""
 
 
-#: Parameters of the OpenAI API (and of vLLM's extensions) that this gateway
+#: Parameters of the OpenAI API (and of vLLM's and llama.cpp's extensions) that this gateway
 #: cannot honour, each with the test for the value that asks for nothing.
 _UNSUPPORTED: dict[str, Any] = {
     "tools": _is_off,
@@ -116,6 +137,23 @@ _UNSUPPORTED: dict[str, Any] = {
     "guided_choice": _is_off,
     "guided_grammar": _is_off,
     "echo_chat": _is_off,
+    "include_stop_str_in_output": _is_off,
+    "prompt_logprobs": _is_off,
+    "add_generation_prompt": lambda v: v is None or v is True,
+    "continue_final_message": _is_off,
+    "chat_template": _is_off,
+    "chat_template_kwargs": _is_off,
+    "structured_outputs": _is_off,
+    "allowed_token_ids": _is_off,
+    "bad_words": _is_off,
+    "logits_processors": _is_off,
+    "truncate_prompt_tokens": _is_off,
+    "skip_special_tokens": lambda v: v is None or v is True,
+    "return_tokens_as_token_ids": _is_off,
+    # llama.cpp's server
+    "grammar": _is_off,
+    "json_schema": _is_off,
+    "n_predict": lambda v: _is_off(v) or v == -1,
 }
 
 

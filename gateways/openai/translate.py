@@ -16,7 +16,7 @@ from gateways.openai.schemas import (
     CompletionRequest,
     unsupported_parameters,
 )
-from mesh.protocol import ChatMessage, GenerateRequest, offset_seed
+from mesh.protocol import ChatMessage, ErrorCode, GenerateRequest, offset_seed
 
 #: OpenAI's default for /v1/completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -83,9 +83,9 @@ def resolve_max_tokens(
         what = f"the prompt ({known_prompt_tokens} tokens) plus {param}" if known_prompt_tokens else param
         raise ApiError(
             400,
-            f"{what} ({explicit}) exceeds the model's context length ({context})",
+            f"This model's maximum context length is {context} tokens, but {what} ({explicit}) exceeds it.",
             param=param,
-            code="context_length_exceeded",
+            code=ErrorCode.CONTEXT_LENGTH_EXCEEDED.value,
         )
     return TokenBudget(explicit)
 
@@ -162,7 +162,9 @@ def completion_choices(request: CompletionRequest, limits: ModelLimits) -> list[
     choices: list[Choice] = []
     for group, prompt in enumerate(prompts):
         known = len(prompt) if isinstance(prompt, list) else 0
-        budget = resolve_max_tokens(request.max_tokens, None, COMPLETION_DEFAULT_MAX_TOKENS, limits, known)
+        budget = resolve_max_tokens(
+            request.max_tokens, request.max_completion_tokens, COMPLETION_DEFAULT_MAX_TOKENS, limits, known
+        )
         text, ids = (None, prompt) if isinstance(prompt, list) else (prompt, None)
         for j in range(request.n):
             index = group * request.n + j

@@ -68,6 +68,17 @@ class EngineError(Exception):
         self.message = message
 
 
+def context_exceeded(prompt_tokens: int, max_tokens: int, context_length: int, resumed: int = 0) -> EngineError:
+    """The refusal of a request that does not fit the context, in the words OpenAI's API uses."""
+    already = f" plus {resumed} resumed tokens" if resumed else ""
+    total = prompt_tokens + resumed + max_tokens
+    return EngineError(
+        ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+        f"This model's maximum context length is {context_length} tokens, but the prompt ({prompt_tokens} "
+        f"tokens){already} plus max_tokens ({max_tokens}) is {total} tokens. Shorten the prompt or lower max_tokens.",
+    )
+
+
 def fit_to_context(request: GenerateRequest, prompt_tokens: int, context_length: int) -> GenerateRequest:
     """The request with a default max_tokens (`fit_to_context`) lowered to what the prompt (and any
     resumed tokens) leave of the context, at least 1; anything else unchanged, for the engine to check."""

@@ -12,8 +12,15 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
-from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob, TopLogprob
+from mesh.engines.base import (
+    Engine,
+    EngineConfig,
+    EngineOutput,
+    EngineStats,
+    context_exceeded,
+    fit_to_context,
+)
+from mesh.protocol import FinishReason, GenerateRequest, TokenLogprob, TopLogprob
 
 SYNTHETIC_CONTEXT_LENGTH = 4096
 _WORDS = [
@@ -92,11 +99,7 @@ class SyntheticEngine(Engine):
         request = fit_to_context(request, prompt_tokens, SYNTHETIC_CONTEXT_LENGTH)
         resumed = len(request.resume_token_ids)
         if prompt_tokens + resumed + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
-            raise EngineError(
-                ErrorCode.BAD_REQUEST,
-                f"prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) "
-                f"exceeds the context length ({SYNTHETIC_CONTEXT_LENGTH})",
-            )
+            raise context_exceeded(prompt_tokens, request.max_tokens, SYNTHETIC_CONTEXT_LENGTH, resumed)
         seed = request.seed if request.seed is not None else self.config.seed
         if seed is None:
             seed = self._seeds.getrandbits(63)

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 from mesh.engines import sampling
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
+from mesh.engines.base import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    EngineOutput,
+    EngineStats,
+    context_exceeded,
+    fit_to_context,
+)
 from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.stop import TextStream
 from mesh.engines.vocabulary import raw_of, token_bytes_table
@@ -265,12 +273,7 @@ class TransformersEngine(Engine):
         request = fit_to_context(request, len(prompt_ids), self._context_length)
         total = len(prompt_ids) + len(resumed) + request.max_tokens
         if self._context_length and total > self._context_length:
-            already = f" plus {len(resumed)} resumed tokens" if resumed else ""
-            raise EngineError(
-                ErrorCode.BAD_REQUEST,
-                f"the prompt ({len(prompt_ids)} tokens){already} plus max_tokens ({request.max_tokens}) is {total} "
-                f"tokens, more than the model's context length of {self._context_length}",
-            )
+            raise context_exceeded(len(prompt_ids), request.max_tokens, self._context_length, len(resumed))
         params = sampling.params_from(request)
         generator, _ = sampling.make_generator(request.seed)
         if not params.greedy:

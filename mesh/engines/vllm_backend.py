@@ -22,7 +22,15 @@ import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from mesh.engines.base import Engine, EngineConfig, EngineError, EngineOutput, EngineStats, fit_to_context
+from mesh.engines.base import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    EngineOutput,
+    EngineStats,
+    context_exceeded,
+    fit_to_context,
+)
 from mesh.engines.sampling import validate
 from mesh.engines.stop import TextStream
 from mesh.engines.vocabulary import raw_of, token_bytes_table
@@ -142,17 +150,12 @@ def _through(text_stream: TextStream, token_ids: list[int]) -> tuple[list[int], 
     return token_ids, text, False
 
 
-def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int, resumed: int = 0) -> None:
     """Refuses what vLLM would truncate or reject later, naming the numbers."""
     if prompt_tokens == 0:
         raise EngineError(ErrorCode.BAD_REQUEST, "the prompt is empty")
-    total = prompt_tokens + max_tokens
-    if total > context_length:
-        raise EngineError(
-            ErrorCode.BAD_REQUEST,
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is {total} tokens, "
-            f"more than the model's context length of {context_length}",
-        )
+    if prompt_tokens + resumed + max_tokens > context_length:
+        raise context_exceeded(prompt_tokens, max_tokens, context_length, resumed)
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -287,7 +290,7 @@ class VllmEngine(Engine):
         # them as prompt, not output, for presence and frequency penalties.
         resumed = list(request.resume_token_ids)
         request = fit_to_context(request, len(prompt_ids), self._context_length)
-        check_context(len(prompt_ids) + len(resumed), request.max_tokens, self._context_length)
+        check_context(len(prompt_ids), request.max_tokens, self._context_length, len(resumed))
         seed = request.seed if request.seed is not None else self.config.seed
         prompt_top = request.prompt_logprobs if request.echo and not resumed else None
         arguments = sampling_arguments(request, seed)

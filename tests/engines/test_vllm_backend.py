@@ -143,8 +143,9 @@ def test_context_check_names_the_numbers() -> None:
     check_context(8000, 192, 8192)
     with pytest.raises(EngineError) as caught:
         check_context(8100, 100, 8192)
-    assert caught.value.code is ErrorCode.BAD_REQUEST
+    assert caught.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
     assert all(str(n) in caught.value.message for n in (8100, 100, 8200, 8192))
+    assert "maximum context length is 8192 tokens" in caught.value.message  # OpenAI's words, which tools look for
     with pytest.raises(EngineError, match="empty"):
         check_context(0, 10, 8192)
 

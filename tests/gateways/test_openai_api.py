@@ -49,6 +49,11 @@ def test_max_completion_tokens_same_as_max_tokens(gateway: Gateway) -> None:
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_max_completion_tokens_on_completions_too(gateway: Gateway) -> None:
+    reply = gateway.sdk().completions.create(model=MODEL, prompt="x", extra_body={"max_completion_tokens": 7})
+    assert reply.usage is not None and reply.usage.completion_tokens == 7 and reply.choices[0].finish_reason == "length"
+
+
 def test_seed_reproducible_on_synthetic_structure(gateway: Gateway) -> None:
     client = gateway.sdk()
     texts = {

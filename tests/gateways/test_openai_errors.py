@@ -50,6 +50,8 @@ def test_unknown_model_is_not_found(gateway: Gateway) -> None:
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"extra_body": {"logit_bias": {"1": 5}}}, "logit_bias"),
         ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"extra_body": {"include_stop_str_in_output": True}}, "include_stop_str_in_output"),  # vLLM's
+        ({"extra_body": {"grammar": "root ::= [a-z]+"}}, "grammar"),  # llama.cpp's
         ({"seed": 2**63}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"temperature": 3.5}, "temperature"),
@@ -93,6 +95,42 @@ def test_chat_bad_requests_name_the_parameter(gateway: Gateway, kwargs: dict[str
 def test_completion_bad_requests(gateway: Gateway, prompt: object, kwargs: dict[str, object]) -> None:
     with pytest.raises(openai.BadRequestError):
         gateway.sdk().completions.create(model=MODEL, prompt=prompt, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_prompt_over_the_context_is_named_as_openai_names_it(gateway: Gateway) -> None:
+    """Tools (LangChain, LiteLLM) recognise the code and the words, and shorten the prompt: whether the
+    gateway sees the overflow itself or only the worker can (a text prompt: only it tokenizes)."""
+    client = gateway.sdk()
+    long_text = "word " * 5000  # over the synthetic context of 4096
+    attempts = [
+        lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_text}]),
+        lambda: client.completions.create(model=MODEL, prompt=long_text, max_tokens=4),
+        lambda: client.completions.create(model=MODEL, prompt=list(range(5000)), max_tokens=4),
+        lambda: client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5000),
+    ]
+    for attempt in attempts:
+        with pytest.raises(openai.BadRequestError) as info:
+            attempt()
+        body = info.value.body
+        assert isinstance(body, dict) and body["code"] == "context_length_exceeded", body
+        assert "maximum context length is 4096 tokens" in str(body["message"])
+    _still_serves(gateway)
+
+
+def test_null_is_the_default_where_openai_allows_it(gateway: Gateway) -> None:
+    """The SDK sends an explicit None as null; OpenAI's API takes null for these fields."""
+    client = gateway.sdk()
+    chat = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=3, n=None, logprobs=None, stream=None, extra_body={"ignore_eos": None}
+    )
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None and chat.usage.completion_tokens == 3  # type: ignore[union-attr]
+    completion = client.completions.create(model=MODEL, prompt="x", max_tokens=3, n=None, echo=None, stream=None)
+    assert len(completion.choices) == 1 and completion.choices[0].text and completion.usage.completion_tokens == 3  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as info:  # null is not a value where OpenAI has none
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, stream=True, extra_body={"stream_options": {"include_usage": None}}
+        )
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "stream_options.include_usage"
 
 
 @pytest.mark.parametrize(

@@ -92,9 +92,9 @@ def test_error_after_streaming_began_is_an_event_then_done(processes: ProcessGro
     assert "worker" in info.value.message
 
 
-def _wait_model(gateway: Gateway, timeout: float = 30) -> None:
+def _wait_model(gateway: Gateway, timeout: float = 30, served: bool = True) -> None:
     deadline = time.monotonic() + timeout
-    while MODEL not in httpx.get(f"{gateway.url}/health").json()["models"]:
+    while (MODEL in httpx.get(f"{gateway.url}/health").json()["models"]) != served:
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -141,8 +141,22 @@ def test_no_broker_is_503_then_recovers(processes: ProcessGroup) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
     assert info.value.status_code == 503
+    assert info.value.response.headers["retry-after"] == "1"  # the SDK's retries wait that long
     # The broker and a worker come up later: the same gateway serves without a restart.
     processes.broker(url)
-    processes.synthetic_worker(url, "late")
+    worker = processes.synthetic_worker(url, "late")
+    _wait_model(Gateway(base, url))
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
+
+    # Its only worker stops: a model served before is unavailable (503, retried by the SDK), not unknown.
+    worker.stop()
+    _wait_model(Gateway(base, url), served=False)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "1"
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_unavailable"
+    with pytest.raises(openai.NotFoundError):  # a name never served is still unknown
+        client.chat.completions.create(model="never-served", messages=HELLO, max_tokens=2)
+    processes.synthetic_worker(url, "back")
     _wait_model(Gateway(base, url))
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices
