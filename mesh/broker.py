@@ -98,6 +98,16 @@ class _Request:
     attempts: int = 0
 
 
+def warm_up_seconds(heartbeat_interval: float) -> float:
+    """How long a new broker lets requests for models it has not heard of wait for their workers.
+
+    A worker redials a restarted broker within transport.RECONNECT_INTERVAL_MAX_S, and its first announcement after
+    that may be lost (a PUB socket drops what it sends before the subscription reaches it), so two
+    heartbeats, with a margin.
+    """
+    return 1.2 * (transport.RECONNECT_INTERVAL_MAX_S + 2 * heartbeat_interval)
+
+
 def _log_due(last_logged: dict[Any, float], key: object) -> bool:
     """Whether a warning about `key` may be logged now (once per REFUSAL_LOG_INTERVAL); notes it if so."""
     now = time.monotonic()
@@ -133,10 +143,9 @@ class Broker:
         self._owed: dict[bytes, deque[list[bytes]]] = {}
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
-        # Until every live worker has had one heartbeat to announce itself (after a
-        # broker restart, say), requests for models not seen yet wait instead of
-        # being refused.
-        self._warm_until = time.monotonic() + 1.2 * config.heartbeat_interval
+        # Until every live worker has had time to announce itself (after a broker
+        # restart, say), requests for models not seen yet wait instead of being refused.
+        self._warm_until = time.monotonic() + warm_up_seconds(config.heartbeat_interval)
         self._stop = threading.Event()
         self._next_beacon = 0.0
         self._client_revocations = 0

@@ -51,6 +51,11 @@ def bind(context: zmq.Context[S], kind: int, endpoint: str, security: SecurityCo
     return sock
 
 
+#: The longest a peer waits between two redials of a broker that went away (ZeroMQ doubles the
+#: interval from 0.1 s up to this).
+RECONNECT_INTERVAL_MAX_S = 1.0
+
+
 def connect(
     context: zmq.Context[S], kind: int, endpoint: str, security: SecurityConfig, identity: bytes | None = None
 ) -> S:
@@ -59,7 +64,7 @@ def connect(
         sock.setsockopt(zmq.IDENTITY, identity)
     # Reconnect quickly after a broker restart.
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, round(RECONNECT_INTERVAL_MAX_S * 1000))
     secure_client(sock, security)
     sock.connect(endpoint)
     return sock

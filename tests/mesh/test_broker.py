@@ -17,7 +17,9 @@ from collections import Counter
 import pytest
 import zmq
 
+from mesh.broker import warm_up_seconds
 from mesh.client import MeshClient
+from mesh.discovery import HEARTBEAT_INTERVAL
 from mesh.endpoints import Endpoints
 from mesh.errors import (
     BadRequestError,
@@ -254,7 +256,8 @@ async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_
     processes.synthetic_worker(broker_url, "w1")
     async with MeshClient(broker_url) as client:
         await wait_for_workers(client, 1)
-        await asyncio.sleep(0.7)  # past the new broker's warm-up, when unseen models may still appear
+        # Past the new broker's warm-up, when unseen models may still appear.
+        await asyncio.sleep(warm_up_seconds(HEARTBEAT_INTERVAL))
         start = time.monotonic()
         with pytest.raises(ModelNotFoundError, match="not served"):
             await client.complete(request("no-such-model"))

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+from mesh.broker import warm_up_seconds
 from mesh.cli import build_parser
+from mesh.discovery import HEARTBEAT_INTERVAL
 from tests.support import ProcessGroup, mesh_env, wait_until
 
 MESH = [sys.executable, "-m", "mesh.cli"]
@@ -80,8 +82,9 @@ def test_status_follows_workers_and_generate_keeps_answering(processes: ProcessG
         time.sleep(0.5)
         first.signal(signal.SIGKILL)
         took = wait_until(lambda: [w["id"] for w in status(broker_url)["workers"]] == ["w2"], timeout=5)
-        # Detection (1.5 s of missed heartbeats) plus one `mesh status` process start-up.
-        assert took < 2.0 + 1.5, took
+        # Detection (1.5 s of missed heartbeats) plus `mesh status` process start-ups, on 2 cores shared
+        # with the `mesh generate` processes above (detection itself is timed in process in test_faults).
+        assert took < 6.0, took
         time.sleep(0.5)
     finally:
         stop.set()
@@ -93,7 +96,7 @@ def test_generate_reports_errors_on_one_line(processes: ProcessGroup, broker_url
     processes.broker(broker_url)
     processes.synthetic_worker(broker_url, "w1")
     wait_until(lambda: len(status(broker_url)["workers"]) == 1, timeout=10)
-    time.sleep(0.7)  # past the broker's warm-up
+    time.sleep(warm_up_seconds(HEARTBEAT_INTERVAL))  # past the broker's warm-up
     result = mesh("generate", "--broker", broker_url, "--model", "nope", "hello")
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "model_not_found" in result.stderr
@@ -167,6 +170,8 @@ def test_cpus_keeps_every_thread_of_the_process_on_those_cpus(processes: Process
     cpu = max(os.sched_getaffinity(0))
     broker = processes.broker(broker_url, "--cpus", str(cpu))
     processes.synthetic_worker(broker_url, "w1")
+    # `mesh generate` does not wait for a worker: one started with the broker may be heard after its warm-up.
+    wait_until(lambda: len(status(broker_url)["workers"]) == 1, timeout=30)
     assert mesh("generate", "--broker", broker_url, "--model", "synthetic", "hi").returncode == 0
     threads = [int(t.name) for t in Path(f"/proc/{broker.pid}/task").iterdir()]
     assert len(threads) >= 2  # the main thread and ZeroMQ's I/O thread, at least
