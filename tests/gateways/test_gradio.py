@@ -99,7 +99,9 @@ def test_chat_streams_a_reply_and_login_is_enforced(shared_ui: UI) -> None:
         Client(url, auth=(USER, "wrong"), verbose=False)
 
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
-    job = client.submit("Tell me a story", "syn", 0.7, 1.0, 24, "7", api_name="/chat")
+    # Enough tokens that the reply is seen growing even when the UI takes the waiting ones together.
+    tokens = 120
+    job = client.submit("Tell me a story", "syn", 0.7, 1.0, tokens, "7", api_name="/chat")
     updates = [outputs for outputs in job]
     job.result()
     replies = [_reply_text(chatbot) for _, chatbot in updates if chatbot and chatbot[-1]["role"] == "assistant"]
@@ -110,7 +112,7 @@ def test_chat_streams_a_reply_and_login_is_enforced(shared_ui: UI) -> None:
     assert "Traceback" not in final
 
     # The same seed gives the same text again (the synthetic engine honours seeds like a real one).
-    again = client.predict(model="syn", temperature=0.7, top_p=1.0, max_tokens=24, seed="7", api_name="/regenerate")
+    again = client.predict(model="syn", temperature=0.7, top_p=1.0, max_tokens=tokens, seed="7", api_name="/regenerate")
     assert _reply_text(again).split("\n\n<sub>")[0] == final.split("\n\n<sub>")[0]
 
 

@@ -132,7 +132,7 @@ async def test_requests_a_draining_worker_never_started_finish_elsewhere(
     """A drain that runs out of time gives up requests that had no token yet: they are retried, not lost."""
     processes.broker(broker_url)
     slow = processes.synthetic_worker(
-        broker_url, "slow", "--ttft-ms", "5000", "--drain-timeout", "0.5", "--capacity", "4"
+        broker_url, "slow", "--ttft-ms", "60000", "--drain-timeout", "0.5", "--capacity", "4"
     )
     async with MeshClient(broker_url) as client:
         await wait_for_workers(client, 1)
