@@ -7,9 +7,13 @@ Layers, each at every concurrency level:
              timed by a minimal HTTP client (bench.rawhttp) so the figure charges the stack
     gateway-aiohttp  the same through aiohttp's client, for comparison: what a typical
              Python client adds on its own side
+    floor    the gateway layer's path with nothing of the stack on it (bench.floor: bare
+             HTTP front, ZeroMQ relay and worker processes), at the first level only:
+             what the machine charges for the hops themselves, in the same run
 
 added_ttft_ms (the issue's figure) is the full stack's TTFT minus the engine's own,
-per percentile, at concurrency 1.
+per percentile, at concurrency 1; above_floor_ttft_ms is the full stack's TTFT minus
+the floor's, the part of it that is the stack's own code.
 
 --pin places the processes (`mesh ... --cpus`): broker and worker on one CPU,
 gateway and the bench process on another. The OS scheduler otherwise spreads
@@ -24,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+from bench.floor import start_floor
 from bench.load import (
     PROMPT,
     HttpTarget,
@@ -36,6 +41,7 @@ from bench.load import (
     summarize,
 )
 from bench.mesh_stack import SYNTHETIC_MODEL, Placement, start_synthetic_mesh
+from bench.processes import ProcessGroup
 from bench.profile import Profiler
 from bench.rawhttp import RawHttpPool, raw_http_requester
 from bench.report import SuiteResult, Target, load_table, plot_load
@@ -73,6 +79,20 @@ async def _sweep(name: str, make, levels: list[int], requests: int, max_seconds:
         timings, seconds = await run_closed_loop(make(), level, max(requests, level), max_seconds, bar.update)
         summaries.append(summarize(level, timings, seconds))
     return summaries
+
+
+async def _floor(out: Path, level: int, requests: int, max_tokens: int, max_seconds: float, bar) -> list[LoadSummary]:  # type: ignore[no-untyped-def]
+    """The gateway layer's path on bare processes (bench.floor), timed by the same client."""
+    with ProcessGroup(out / "logs" / "overhead-floor") as group:
+        url = await start_floor(group, max_tokens)
+        pool = RawHttpPool(url)
+        try:
+            target = HttpTarget(url, SYNTHETIC_MODEL)
+            return await _sweep(
+                "floor", lambda: raw_http_requester(pool, target, max_tokens), [level], requests, max_seconds, bar
+            )
+        finally:
+            await pool.close()
 
 
 def _added(layer: LoadSummary, base: LoadSummary) -> dict[str, float]:
@@ -132,7 +152,7 @@ async def _run(
     layers: dict[str, list[LoadSummary]] = {}
     profiler = Profiler(out)
     skipped: dict[str, str] = {}
-    total = sum(max(requests, c) for c in levels) * (4 if gateway else 2)
+    total = sum(max(requests, c) for c in levels) * (4 if gateway else 2) + (max(requests, levels[0]) if gateway else 0)
     bar = tqdm(total=total, desc="overhead", disable=not progress, unit="req")
     try:
         engine = SyntheticEngine(EngineConfig(backend="synthetic", model_names=(SYNTHETIC_MODEL,)))
@@ -176,6 +196,7 @@ async def _run(
                     )
                 finally:
                     await pool.close()
+                layers["floor"] = await _floor(out, levels[0], requests, max_tokens, max_seconds, bar)
                 async with http_session(max(levels)) as session:
                     layers["gateway-aiohttp"] = await _sweep(
                         "gateway-aiohttp",
@@ -201,9 +222,16 @@ async def _run(
         "added_ttft_ms_by_layer": {
             name: {str(s.concurrency): _added(s, b) for s, b in zip(series, layers["engine"], strict=True)}
             for name, series in layers.items()
-            if name != "engine"
+            if name not in ("engine", "floor")
         },
     }
+    if "floor" in layers:
+        floor, full = layers["floor"][0], layers[full_layer][0]
+        summary["floor_ttft_ms"] = {"p50": floor.ttft_ms.p50, "p99": floor.ttft_ms.p99, "concurrency": levels[0]}
+        summary["above_floor_ttft_ms"] = {
+            "p50": full.ttft_ms.p50 - floor.ttft_ms.p50,
+            "p99": full.ttft_ms.p99 - floor.ttft_ms.p99,
+        }
     if skipped:
         summary["skipped_layers"] = skipped
     if profiles:

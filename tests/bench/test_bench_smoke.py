@@ -47,7 +47,11 @@ def test_overhead_reports_added_ttft_per_layer(processes: ProcessGroup, tmp_path
     assert {"p50", "p99"} <= set(added)
     assert added["p99"] >= added["p50"] - 1.0  # loose: a sanity check on the arithmetic, not a speed target
     layers = result["results"]
-    assert {"engine", "mesh"} <= set(layers)
+    assert {"engine", "mesh", "gateway", "floor"} <= set(layers)
+    floor = result["summary"]["floor_ttft_ms"]
+    assert 0 < floor["p50"] <= floor["p99"]
+    above = result["summary"]["above_floor_ttft_ms"]
+    assert above["p50"] == pytest.approx(layers["gateway"][0]["ttft_ms"]["p50"] - floor["p50"], abs=1e-3)
     for series in layers.values():
         for level in series:
             assert level["errors"] == 0 and level["requests"] > 0
