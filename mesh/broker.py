@@ -101,9 +101,9 @@ class _Request:
 def warm_up_seconds(heartbeat_interval: float) -> float:
     """How long a new broker lets requests for models it has not heard of wait for their workers.
 
-    A worker redials a restarted broker within transport.RECONNECT_INTERVAL_MAX_S, and its first announcement after
-    that may be lost (a PUB socket drops what it sends before the subscription reaches it), so two
-    heartbeats, with a margin.
+    A worker redials a restarted broker within transport.RECONNECT_INTERVAL_MAX_S, and its first
+    announcement after that may be lost (a PUB socket drops what it sends before the subscription
+    reaches it): so that long, and two heartbeats, with a margin.
     """
     return 1.2 * (transport.RECONNECT_INTERVAL_MAX_S + 2 * heartbeat_interval)
 

@@ -69,7 +69,7 @@ class ChatMessageParam(_Request):
 class _SamplingParams(_Request):
     model: str = Field(min_length=1, examples=["smollm2-135m-instruct"])
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    #: The newer name of max_tokens (give one of them); taken on /v1/completions too, as vLLM does.
+    #: The newer name of max_tokens (give one of them, or the same value twice); /v1/completions takes it too.
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
