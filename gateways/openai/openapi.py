@@ -20,7 +20,7 @@ _ERROR_STATUSES = {
     "413": "body larger than --max-body-size",
     "429": "every worker is busy and the queue is full",
     "500": "a fault in an engine",
-    "503": "no broker or the worker was lost",
+    "503": "no broker, the worker was lost, or no live worker serves a model that was served before",
     "504": "no answer within --timeout",
 }
 

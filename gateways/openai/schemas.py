@@ -60,9 +60,16 @@ class TextContentPart(_Request):
     text: str
 
 
+class MediaContentPart(_Request):
+    """A part the models behind the gateway cannot read: accepted by the schema so that the refusal
+    can say which part it was, rather than that the content is not a string."""
+
+    type: Literal["image_url", "input_audio", "file"]
+
+
 class ChatMessageParam(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[TextContentPart | MediaContentPart] | None = None
     name: str | None = None
 
 

@@ -14,6 +14,7 @@ from gateways.openai.schemas import (
     ChatCompletionRequest,
     ChatMessageParam,
     CompletionRequest,
+    TextContentPart,
     unsupported_parameters,
 )
 from mesh.protocol import ChatMessage, ErrorCode, GenerateRequest, offset_seed
@@ -108,21 +109,30 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest) -> dict[str, o
     return fields
 
 
-def _message_text(message: ChatMessageParam) -> str:
+def _message_text(message: ChatMessageParam, position: int) -> str:
     if message.content is None:
         return ""
     if isinstance(message.content, str):
         return message.content
-    return "\n".join(part.text for part in message.content)
+    texts = []
+    for part in message.content:
+        if not isinstance(part, TextContentPart):
+            raise bad_request(
+                f"content parts of type {part.type} are not supported: the models here read text only",
+                f"messages.{position}.content",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
 
 
 def chat_choices(request: ChatCompletionRequest, limits: ModelLimits, default_max_tokens: int) -> list[Choice]:
     check_common(request)
-    if request.top_logprobs is not None and not request.logprobs:
+    if request.top_logprobs and not request.logprobs:  # 0 asks for nothing: tolerated, as vLLM does
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     budget = resolve_max_tokens(request.max_tokens, request.max_completion_tokens, default_max_tokens, limits)
     messages = [
-        ChatMessage("system" if m.role == "developer" else m.role, _message_text(m), m.name) for m in request.messages
+        ChatMessage("system" if m.role == "developer" else m.role, _message_text(m, i), m.name)
+        for i, m in enumerate(request.messages)
     ]
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     sampling = _sampling(request)

@@ -117,6 +117,20 @@ def test_a_prompt_over_the_context_is_named_as_openai_names_it(gateway: Gateway)
     _still_serves(gateway)
 
 
+def test_an_image_part_is_refused_by_name_and_top_logprobs_0_asks_for_nothing(gateway: Gateway) -> None:
+    client = gateway.sdk()
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+        )
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "messages.0.content"
+    assert "image_url" in str(body["message"]) and "text only" in str(body["message"])
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, top_logprobs=0)
+    assert reply.choices[0].logprobs is None  # as vLLM: 0 alternatives without logprobs is no request at all
+
+
 def test_null_is_the_default_where_openai_allows_it(gateway: Gateway) -> None:
     """The SDK sends an explicit None as null; OpenAI's API takes null for these fields."""
     client = gateway.sdk()
