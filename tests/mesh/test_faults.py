@@ -277,7 +277,9 @@ async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: Proce
     processes.synthetic_worker(broker_url, "steady", "--itl-ms", "20")
     async with MeshClient(broker_url) as client:
         await wait_for_workers(client, 2)
-        streams = [asyncio.create_task(client.complete(_request(i, 100))) for i in range(8)]
+        # 50 tokens at 20 ms: the moved streams end about 2 s after SIGSTOP, well before ZMTP's heartbeat
+        # (3 s) would close the frozen worker's connection and leave it no stale frame to send on SIGCONT.
+        streams = [asyncio.create_task(client.complete(_request(i, 50))) for i in range(8)]
         await asyncio.sleep(0.5)
         frozen.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -289,7 +291,7 @@ async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: Proce
         done = await asyncio.wait_for(asyncio.gather(*streams), 30)
         assert {d.worker_id for d in done} == {"steady"}
         for i, d in enumerate(done):
-            assert d.text == await _expected_text(_request(i, 100))
+            assert d.text == await _expected_text(_request(i, 50))
         assert time.monotonic() - stopped_at > 1.0
         frozen.signal(signal.SIGCONT)
         await _until(lambda: len(client.workers()) == 2, 10, "the resumed worker did not rejoin")
