@@ -265,6 +265,17 @@ def _model_not_found(name: str) -> ApiError:
     )
 
 
+def _model_unavailable(name: str) -> ApiError:
+    """A 503, which the SDK retries, where a 404 would end the client's attempts."""
+    return ApiError(
+        503,
+        f"no live worker serves the model {name!r} at the moment",
+        "service_unavailable",
+        param="model",
+        code="model_unavailable",
+    )
+
+
 # ----------------------------------------------------------------------------- completions
 
 
@@ -288,17 +299,8 @@ def _model_limits(client: MeshClient, model: str) -> ModelLimits:
         raise from_mesh_error(BrokerUnavailableError(f"no broker answers at {client.endpoints.front}"))
     workers = client.models().get(model)
     if not workers:
-        if model in client.view.served_once:
-            # Its workers are gone, perhaps restarting: a retry may succeed, so not a 404 (which the
-            # SDK never retries).
-            raise ApiError(
-                503,
-                f"no live worker serves the model {model!r} at the moment",
-                "service_unavailable",
-                param="model",
-                code="model_unavailable",
-            )
-        raise _model_not_found(model)
+        # A model served before has workers that are gone, perhaps restarting: a retry may succeed.
+        raise _model_unavailable(model) if model in client.view.served_once else _model_not_found(model)
     return ModelLimits(max(w.context_length for w in workers))
 
 
