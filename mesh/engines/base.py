@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 
 from mesh.protocol import ErrorCode, FinishReason, GenerateRequest, TokenLogprob
+
+#: Prompts longer than this (characters) are tokenized off the event loop. A tokenizer takes about a
+#: second per megabyte on the development VM, and a worker whose loop stalls for 1.5 s misses its
+#: heartbeats and is declared dead, taking every other stream it serves with it.
+INLINE_TOKENIZE_CHARS = 4096
+
+_Encoded = TypeVar("_Encoded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,27 @@ def fit_to_context(request: GenerateRequest, prompt_tokens: int, context_length:
     if request.max_tokens <= room:
         return request
     return msgspec.structs.replace(request, max_tokens=max(room, 1))
+
+
+def given_token_ids(request: GenerateRequest, vocab_size: int) -> list[int] | None:
+    """Checks that a request gives exactly one form of prompt; returns its token ids if it gave them."""
+    given = [request.prompt is not None, request.messages is not None, request.prompt_token_ids is not None]
+    if sum(given) != 1:
+        raise EngineError(ErrorCode.BAD_REQUEST, "give exactly one of prompt, messages or prompt_token_ids")
+    if request.prompt_token_ids is None:
+        return None
+    if any(not 0 <= i < vocab_size for i in request.prompt_token_ids):
+        raise EngineError(ErrorCode.BAD_REQUEST, f"token ids outside the vocabulary (0..{vocab_size - 1})")
+    return list(request.prompt_token_ids)
+
+
+async def encode_off_loop(request: GenerateRequest, encode: Callable[[GenerateRequest], _Encoded]) -> _Encoded:
+    """`encode(request)` inline for a short text prompt, on a thread for a long one (tokenizers release
+    the GIL while they work, so the event loop keeps running)."""
+    size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+    if size <= INLINE_TOKENIZE_CHARS:
+        return encode(request)
+    return await asyncio.to_thread(encode, request)
 
 
 class Engine(abc.ABC):

@@ -44,7 +44,9 @@ from mesh.engines.base import (
     EngineOutput,
     EngineStats,
     context_exceeded,
+    encode_off_loop,
     fit_to_context,
+    given_token_ids,
 )
 from mesh.engines.batching import BatchState, prefill_inputs
 from mesh.engines.stop import TextStream
@@ -216,7 +218,10 @@ class TransformersEngine(Engine):
     # ------------------------------------------------------------------ requests
 
     async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
-        seq = self._admit(request, request_id)
+        problem = sampling.validate(request)
+        if problem:
+            raise EngineError(ErrorCode.BAD_REQUEST, problem)
+        seq = self._admit(request, request_id, await self._prompt_ids(request))
         try:
             if request.echo and not request.resume_token_ids:
                 echo = EngineOutput(text=self._prompt_text(seq.prompt_ids))
@@ -260,11 +265,7 @@ class TransformersEngine(Engine):
             self._finish(seq, FinishReason.ABORT)
             self._wake.set()
 
-    def _admit(self, request: GenerateRequest, request_id: str) -> _Sequence:
-        problem = sampling.validate(request)
-        if problem:
-            raise EngineError(ErrorCode.BAD_REQUEST, problem)
-        prompt_ids = self._prompt_ids(request)
+    def _admit(self, request: GenerateRequest, request_id: str, prompt_ids: list[int]) -> _Sequence:
         if not prompt_ids:
             raise EngineError(ErrorCode.BAD_REQUEST, "the prompt is empty")
         resumed = list(request.resume_token_ids)
@@ -304,17 +305,11 @@ class TransformersEngine(Engine):
         self._by_id[request_id] = seq
         return seq
 
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        given = [request.prompt is not None, request.messages is not None, request.prompt_token_ids is not None]
-        if sum(given) != 1:
-            raise EngineError(ErrorCode.BAD_REQUEST, "give exactly one of prompt, messages or prompt_token_ids")
-        if request.prompt_token_ids is not None:
-            bad = [i for i in request.prompt_token_ids if not 0 <= i < self._vocab_size]
-            if bad:
-                raise EngineError(
-                    ErrorCode.BAD_REQUEST, f"token ids outside the vocabulary (0..{self._vocab_size - 1})"
-                )
-            return list(request.prompt_token_ids)
+    async def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        ids = given_token_ids(request, self._vocab_size)
+        return ids if ids is not None else await encode_off_loop(request, self._encode)
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             try:

@@ -29,7 +29,9 @@ from mesh.engines.base import (
     EngineOutput,
     EngineStats,
     context_exceeded,
+    encode_off_loop,
     fit_to_context,
+    given_token_ids,
 )
 from mesh.engines.sampling import validate
 from mesh.engines.stop import TextStream
@@ -42,8 +44,6 @@ log = logging.getLogger("mesh.engines.vllm")
 #: VLLM_CPU_KVCACHE_SPACE in GiB). vLLM's CPU default reserves a share of all RAM, which fails on a
 #: shared machine; 1 GiB holds about 45k tokens of SmolLM2-135M, five full 8k contexts.
 CPU_KV_CACHE_BYTES = 1 << 30
-#: Prompts longer than this (characters) are tokenized off the event loop.
-INLINE_TOKENIZE_CHARS = 4096
 #: The watchdog that ends vLLM's engine processes if the worker dies without stop() (kill -9, OOM killer).
 #: It records the worker's descendants every second; when its stdin reaches EOF (the worker is gone)
 #: without the word "done", it SIGKILLs them (psutil checks each pid's start time, so a reused pid is
@@ -382,19 +382,10 @@ class VllmEngine(Engine):
 
     async def _tokenize(self, request: GenerateRequest) -> tuple[list[int], str]:
         """The prompt as token ids, and as text (what echo returns)."""
-        given = [request.prompt is not None, request.messages is not None, request.prompt_token_ids is not None]
-        if sum(given) != 1:
-            raise EngineError(ErrorCode.BAD_REQUEST, "give exactly one of prompt, messages or prompt_token_ids")
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-            vocab = self._vocab_size
-            if any(not 0 <= i < vocab for i in ids):
-                raise EngineError(ErrorCode.BAD_REQUEST, f"token ids outside the vocabulary (0..{vocab - 1})")
+        ids = given_token_ids(request, self._vocab_size)
+        if ids is not None:
             return ids, self._tokenizer.decode(ids) if request.echo else ""
-        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
-        if size <= INLINE_TOKENIZE_CHARS:
-            return self._encode(request)
-        return await asyncio.to_thread(self._encode, request)
+        return await encode_off_loop(request, self._encode)
 
     def _encode(self, request: GenerateRequest) -> tuple[list[int], str]:
         if request.messages is None:

@@ -9,6 +9,8 @@ can address one worker. Outputs are kept short: the machine is small and shared.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import msgspec
 import pytest
 
 from mesh.client import MeshClient
-from mesh.errors import BadRequestError
+from mesh.errors import BadRequestError, ContextLengthError
 from mesh.models import DEFAULT_MODEL_NAME, resolve_model
 from mesh.protocol import ChatMessage, FinishReason, GenerateRequest
 from tests.support import ARTIFACTS, ProcessGroup, free_broker_url, wait_for_workers
@@ -187,6 +189,34 @@ async def test_prompt_over_the_context_is_a_clean_error(client: MeshClient) -> N
         await client.complete(chat("Hello", max_tokens=9000))
     message = info.value.message
     assert "9000" in message and "8192" in message
+
+
+async def test_a_huge_prompt_is_tokenized_without_stalling_the_worker(client: MeshClient) -> None:
+    """Tokenizing 4 MB takes seconds. On the worker's event loop it would stop its heartbeats: the broker
+    would declare it dead after 1.5 s and fail every other stream it serves."""
+    huge = GenerateRequest(model="tiny-a", prompt="item 12 is red. " * 250_000, max_tokens=1)
+    beside = asyncio.create_task(client.complete(chat("Count to ten.", max_tokens=40, ignore_eos=True)))
+    changes: list[float] = []  # when worker a's announcement (a heartbeat, or a load change) was heard
+
+    async def watch() -> None:
+        last = None
+        while True:
+            seq = next((w.seq for w in client.workers() if w.worker_id == "a"), None)
+            if seq != last:
+                changes.append(time.monotonic())
+                last = seq
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        with pytest.raises(ContextLengthError):
+            await client.complete(huge)
+        done = await beside
+    finally:
+        watcher.cancel()
+    assert done.finish_reason is FinishReason.LENGTH and len(done.token_ids) == 40
+    gaps = [b - a for a, b in itertools.pairwise(changes)]
+    assert max(gaps) < 1.2, gaps  # heartbeats every 0.5 s throughout
 
 
 async def test_echo_and_logprobs(client: MeshClient) -> None:
