@@ -447,7 +447,16 @@ class Broker:
         if kind is Kind.TOKENS:
             request.started = True
         elif kind is Kind.ERROR:
-            reply = decode(frames[2], ErrorReply)
+            try:
+                reply = decode(frames[2], ErrorReply)
+            except ProtocolError as exc:
+                # The worker is done with the request either way: it ends with an error the client can read,
+                # rather than waiting forever and holding the worker's slot.
+                self._drop("malformed", exc)
+                message = f"the worker's error reply could not be read: {exc}"
+                self._tell(request.client, error_frames(request_id, ErrorCode.INTERNAL, message))
+                self._finish(request)
+                return
             if reply.code is ErrorCode.WORKER_UNAVAILABLE and not request.started:
                 self._redirect(request, worker)
                 return

@@ -31,6 +31,7 @@ from mesh.endpoints import DEFAULT_BROKER_URL, Endpoints
 from mesh.errors import (
     BadRequestError,
     BrokerUnavailableError,
+    EngineFailureError,
     MeshError,
     MeshTimeoutError,
     RequestError,
@@ -364,6 +365,12 @@ class MeshClient:
                 except WorkerLostError as exc:
                     finished = True
                     raise _LostMidStream(exc) from None
+                except ProtocolError as exc:
+                    # A frame this client cannot read (a process from another release?): the request may
+                    # still be running, so it is cancelled, and the caller gets a MeshError, not a ValueError.
+                    finished = True
+                    self._front.send([pack_header(Kind.CANCEL, request_id)])
+                    raise EngineFailureError(f"a reply from the mesh could not be read: {exc}") from None
                 if chunk.finish_reason is not None:
                     finished = True
                     yield chunk
