@@ -59,6 +59,9 @@ DRAIN_BATCH = 512
 #: Longest the loop sleeps in poll, so timers and stop requests are seen.
 TICK_SECONDS = 0.05
 _ROUTING_ERRORS = (zmq.Again, zmq.ZMQError)
+#: How long a worker that said BYE is remembered: its announcements still in flight on the bus arrive
+#: within milliseconds; this is ample.
+DEPARTED_KEEP_S = 10.0
 #: Last words kept per client that is not reading; past this the oldest are dropped (and counted).
 MAX_OWED_PER_CLIENT = 4096
 _HEADER_TOKENS = pack_header(Kind.TOKENS)  # the hot path's header prefix
@@ -133,14 +136,15 @@ class Broker:
         self._by_model: dict[str, list[_Worker]] = {}
         self._requests: dict[bytes, _Request] = {}
         self._queues: dict[str, deque[_Request]] = {}
-        #: Workers that said BYE, by id -> the start time of that incarnation: their
-        #: announcements still in flight on the bus must not bring them back.
-        self._departed: dict[bytes, float] = {}
+        #: Workers that said BYE, by id -> (the start time of that incarnation, when it left): their
+        #: announcements still in flight on the bus must not bring them back. Kept for DEPARTED_KEEP_S.
+        self._departed: dict[bytes, tuple[float, float]] = {}
         self._revoked_logged: dict[str | None, float] = {}
         self._duplicate_logged: dict[bytes, float] = {}
         #: Last words (error frames) for clients whose connection was full when they were due:
         #: sent as soon as the client reads again, so that no request of theirs ends in silence.
         self._owed: dict[bytes, deque[list[bytes]]] = {}
+        self._next_forget = 0.0
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
         # Until every live worker has had time to announce itself (after a broker
@@ -435,7 +439,7 @@ class Broker:
         worker = self._workers.get(worker_id)
         if kind is Kind.BYE:
             if worker is not None:
-                self._departed[worker_id] = worker.announcement.started_at
+                self._departed[worker_id] = (worker.announcement.started_at, time.monotonic())
                 self._bury(worker, "it left")
             return
         if kind not in (Kind.TOKENS, Kind.DONE, Kind.ERROR) or len(frames) != 3:
@@ -559,7 +563,8 @@ class Broker:
 
     def _learn(self, announcement: Announcement, frames: list[bytes]) -> None:
         worker_id = announcement.worker_id.encode()
-        if self._departed.get(worker_id) == announcement.started_at:
+        departed = self._departed.get(worker_id)
+        if departed is not None and departed[0] == announcement.started_at:
             return  # a late announcement from a worker that has said BYE
         self._departed.pop(worker_id, None)
         now = time.monotonic()
@@ -638,11 +643,25 @@ class Broker:
             self._bury(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
         if self._owed:
             self._pay_owed()
+        if now >= self._next_forget:
+            self._forget_old_entries(now)
         if now >= self._next_beacon:
             self._next_beacon = now + self.config.heartbeat_interval
             self._publish(self._beacon_frames())
         if self._gatekeeper is not None:
             self._shut_out_revoked_listeners()
+
+    def _forget_old_entries(self, now: float) -> None:
+        """Bounds the tables that gain an entry per departed worker or refused peer: a broker that runs
+        for months through rolling restarts (each worker a new id) must not grow with them."""
+        self._next_forget = now + DEPARTED_KEEP_S
+        for worker_id, (_, left_at) in list(self._departed.items()):
+            if now - left_at > DEPARTED_KEEP_S:
+                del self._departed[worker_id]
+        for table in (self._duplicate_logged, self._revoked_logged):
+            for key, logged_at in list(table.items()):
+                if now - logged_at >= REFUSAL_LOG_INTERVAL:  # _log_due would log it again anyway
+                    del table[key]
 
     def _shut_out_revoked_listeners(self) -> None:
         """After a key leaves allow/clients, drops every bus subscriber so that each passes ZAP again.
