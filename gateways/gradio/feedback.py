@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ def log_path(log_dir: Path, now: float) -> Path:
 def append(log_dir: Path, record: FeedbackRecord) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_path(log_dir, record.tstamp)
-    with path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+    line = memoryview((json.dumps(asdict(record), ensure_ascii=False) + "\n").encode())
+    # One write on an O_APPEND descriptor: votes written at once (Gradio runs handlers on a thread pool,
+    # and two UIs may share a folder) each land whole, with no buffering layer between to split them.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while line:
+            line = line[os.write(fd, line) :]
+    finally:
+        os.close(fd)
     return path
