@@ -385,7 +385,7 @@ class Broker:
         ]
         while workers:
             candidates = [
-                Candidate(w.worker_id, len(w.inflight), w.announcement.capacity, w.announcement.tokens_per_s)
+                Candidate(w.worker_id, len(w.inflight), w.announcement.capacity, w.announcement.request_tokens_per_s)
                 for w in workers
             ]
             worker = workers.pop(self._policy(candidates, self._dispatch_state))
@@ -556,8 +556,9 @@ class Broker:
         announcement = decode(frames[1], Announcement)
         if not announcement.worker_id or announcement.capacity < 1 or not announcement.models:
             raise ProtocolError(f"announcement without id, capacity or models: {announcement}")
-        if not (math.isfinite(announcement.tokens_per_s) and announcement.tokens_per_s >= 0):
-            raise ProtocolError(f"announcement with a speed of {announcement.tokens_per_s} tokens/s")
+        for speed in (announcement.tokens_per_s, announcement.request_tokens_per_s):
+            if not (math.isfinite(speed) and speed >= 0):
+                raise ProtocolError(f"announcement with a speed of {speed} tokens/s")
         self._learn(announcement, frames)
         self._publish(frames)
 

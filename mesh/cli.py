@@ -299,6 +299,7 @@ def _run_status(args: argparse.Namespace) -> int:
                     "inflight": w.inflight,
                     "capacity": w.capacity,
                     "tokens_per_s": w.tokens_per_s,
+                    "request_tokens_per_s": w.request_tokens_per_s,
                     "context_length": w.context_length,
                     "host": w.host,
                     "pid": w.pid,
@@ -326,7 +327,7 @@ def _run_status(args: argparse.Namespace) -> int:
     if not workers:
         print("no live workers")
         return 0
-    rows = [("WORKER", "MODELS", "BACKEND", "LOAD", "TOK/S", "HOST")]
+    rows = [("WORKER", "MODELS", "BACKEND", "LOAD", "TOK/S", "TOK/S/REQ", "HOST")]
     rows += [
         (
             w["id"],
@@ -334,6 +335,7 @@ def _run_status(args: argparse.Namespace) -> int:
             w["backend"],
             f"{w['inflight']}/{w['capacity']}",
             f"{w['tokens_per_s']:.1f}",
+            f"{w['request_tokens_per_s']:.1f}",
             w["host"],
         )
         for w in workers

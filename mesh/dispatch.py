@@ -23,7 +23,8 @@ class Candidate:
     worker_id: bytes
     inflight: int
     capacity: int
-    tokens_per_s: float
+    #: Tokens per second one request gets on this worker (Announcement.request_tokens_per_s); 0: not measured.
+    speed: float
 
 
 @dataclass(slots=True)
@@ -38,11 +39,14 @@ Policy = Callable[[Sequence[Candidate], DispatchState], int]
 
 
 def shortest_queue(candidates: Sequence[Candidate], state: DispatchState) -> int:
-    """The lowest in-flight over capacity; ties go to the fastest, then the first."""
-    return min(
-        range(len(candidates)),
-        key=lambda i: (candidates[i].inflight / max(candidates[i].capacity, 1), -candidates[i].tokens_per_s),
-    )
+    """The lowest in-flight over capacity. Ties go to a worker not yet measured (else, at low load, a
+    new worker would never get the request that measures it), then to the fastest, then the first."""
+
+    def key(i: int) -> tuple[float, float]:
+        c = candidates[i]
+        return c.inflight / max(c.capacity, 1), -(c.speed if c.speed > 0 else math.inf)
+
+    return min(range(len(candidates)), key=key)
 
 
 #: The largest speed a lottery weight takes: announced figures are a worker's word, and weights
@@ -52,9 +56,7 @@ MAX_WEIGHT_TOKENS_PER_S = 1e9
 
 def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
     """Random, weighted by measured speed (workers not yet measured count as the mean)."""
-    speeds = [
-        min(c.tokens_per_s, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.tokens_per_s) else 0.0 for c in candidates
-    ]
+    speeds = [min(c.speed, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.speed) else 0.0 for c in candidates]
     measured = [s for s in speeds if s > 0]
     fallback = sum(measured) / len(measured) if measured else 1.0
     weights = [s if s > 0 else fallback for s in speeds]

@@ -69,27 +69,59 @@ class WorkerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
-class _SpeedMeter:
-    """Tokens per second over a sliding window of busy time."""
+class SpeedMeter:
+    """A worker's two speeds over a sliding window of SPEED_WINDOW_S.
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, int]] = deque()
-        self._tokens = 0  # the sum over _samples
-        self._last_rate = 0.0
+    - `throughput`: tokens per second of wall time, all requests together: what the worker is producing
+      (a load figure; 0 once idle for a window).
+    - `per_request`: tokens per second of request time, the time integral of the number of requests
+      running: how fast one request goes here. Idle time and the worker's share of the traffic stay out
+      of it (a worker that served one request in the window is not slower for it, and a busy one does not
+      look faster for being busy), so dispatch can compare workers by it. It keeps its last value while
+      the worker is idle, and is 0 until first measured.
+    """
+
+    def __init__(self, now: float, window: float = SPEED_WINDOW_S) -> None:
+        self._window = window
+        self._started = now
+        #: (when, tokens counted then, request-seconds since the sample before)
+        self._samples: deque[tuple[float, int, float]] = deque()
+        self._tokens = 0  # sums over _samples
+        self._request_s = 0.0
+        self._running = 0
+        self._since = now
+        self._per_request = 0.0
+
+    def _sample(self, now: float, tokens: int) -> None:
+        request_s = self._running * max(now - self._since, 0.0)
+        self._since = now
+        self._samples.append((now, tokens, request_s))
+        self._tokens += tokens
+        self._request_s += request_s
 
     def add(self, tokens: int, now: float) -> None:
-        self._samples.append((now, tokens))
-        self._tokens += tokens
+        self._sample(now, tokens)
 
-    def rate(self, now: float) -> float:
-        """The recent rate; an idle worker keeps its last measured speed."""
+    def set_running(self, count: int, now: float) -> None:
+        """The number of requests running changed (to `count`) at `now`."""
+        self._sample(now, 0)
+        self._running = count
+        self._measure()
+
+    def _measure(self) -> None:
+        if self._request_s >= 0.5:  # enough work in the window to say
+            self._per_request = self._tokens / self._request_s
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """(throughput, per_request) in tokens per second."""
+        self._sample(now, 0)
         samples = self._samples
-        while samples and now - samples[0][0] > SPEED_WINDOW_S:
-            self._tokens -= samples.popleft()[1]
-        span = now - samples[0][0] if samples else 0.0
-        if span >= 0.5:
-            self._last_rate = self._tokens / span
-        return self._last_rate
+        while now - samples[0][0] > self._window:
+            _, tokens, request_s = samples.popleft()
+            self._tokens -= tokens
+            self._request_s -= request_s
+        self._measure()
+        return self._tokens / max(min(self._window, now - self._started), 1.0), self._per_request
 
 
 class Worker:
@@ -105,7 +137,7 @@ class Worker:
         self._draining = False
         self._stopping = asyncio.Event()
         self._load_changed = asyncio.Event()
-        self._speed = _SpeedMeter()
+        self._speed = SpeedMeter(time.monotonic())
         self._tokens_per_s = 0.0
         self._seq = 0
         self._runs = itertools.count()
@@ -214,7 +246,7 @@ class Worker:
             request.seed = offset_seed(self.engine.config.seed, request.choice_index)
         task = asyncio.get_running_loop().create_task(self._serve(request_id, request))
         self._active[request_id] = task
-        self._load_changed.set()
+        self._running_changed()
 
     def _forget(self, request_id: bytes) -> None:
         """Cancels a request; it no longer counts as load, but is awaited before the worker exits."""
@@ -223,7 +255,7 @@ class Worker:
             task.cancel()
             self._cancelled.add(task)
             task.add_done_callback(self._cancelled.discard)
-            self._load_changed.set()
+            self._running_changed()
 
     def _on_connection_lost(self) -> None:
         """The connection to the broker dropped. ZeroMQ redials, but frames that were on their way
@@ -267,10 +299,14 @@ class Worker:
             reply.discard()
             if self._active.get(request_id) is asyncio.current_task():  # not a later run of the same id
                 del self._active[request_id]
-            self._load_changed.set()
+            self._running_changed()
 
     def _count_tokens(self, count: int) -> None:
         self._speed.add(count, time.monotonic())
+
+    def _running_changed(self) -> None:
+        self._speed.set_running(len(self._active), time.monotonic())
+        self._load_changed.set()
 
     # ------------------------------------------------------------------ announcements
 
@@ -288,6 +324,7 @@ class Worker:
     def _publish_announcement(self) -> None:
         self._seq += 1
         stats = self.engine.stats()
+        throughput, per_request = self._speed.rates(time.monotonic())
         announcement = Announcement(
             worker_id=self.worker_id,
             models=self._models,
@@ -295,7 +332,8 @@ class Worker:
             capacity=self.engine.config.capacity,
             inflight=len(self._active),
             waiting=stats.waiting,
-            tokens_per_s=round(self._speed.rate(time.monotonic()), 1),
+            tokens_per_s=round(throughput, 1),
+            request_tokens_per_s=round(per_request, 1),
             context_length=self.engine.context_length,
             version=__version__,
             host=socket.gethostname(),

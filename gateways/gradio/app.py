@@ -42,7 +42,16 @@ log = logging.getLogger("gateways.gradio")
 
 ModelListMode = Literal["once", "reload"]
 MESH_REFRESH_S = 2.0
-MESH_COLUMNS = ["worker", "models", "backend", "in flight / capacity", "tokens/s", "state", "host:pid"]
+MESH_COLUMNS = [
+    "worker",
+    "models",
+    "backend",
+    "in flight / capacity",
+    "tokens/s",
+    "tokens/s per request",
+    "state",
+    "host:pid",
+]
 DEFAULT_LOG_DIR = Path.home() / ".local" / "state" / "llm-mesh" / "gradio"
 
 
@@ -74,6 +83,7 @@ def mesh_rows(workers: list[Announcement]) -> list[list[str]]:
                 w.backend,
                 f"{w.inflight}/{w.capacity}" + (f" (+{w.waiting} waiting)" if w.waiting else ""),
                 f"{w.tokens_per_s:.1f}",
+                f"{w.request_tokens_per_s:.1f}",
                 "draining" if w.draining else "serving",
                 f"{w.host}:{w.pid}",
             ]

@@ -253,6 +253,21 @@ async def test_shortest_queue_spreads_in_proportion_to_capacity(processes: Proce
     assert abs(served["c1"] - 5) <= 2 and abs(served["c2"] - 10) <= 3 and abs(served["c3"] - 15) <= 3, served
 
 
+async def test_a_worker_announces_its_throughput_and_the_speed_one_request_gets(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    """Four requests at once, each at most 100 tokens/s (10 ms apart): the worker's speed, which
+    dispatch compares, is what one request gets, not what all four make together."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1", "--itl-ms", "10")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        await asyncio.gather(*(client.complete(request(max_tokens=100)) for _ in range(4)))
+        await asyncio.sleep(HEARTBEAT_INTERVAL * 2)
+        (worker,) = client.workers()
+    assert 40 < worker.request_tokens_per_s <= 105 and worker.tokens_per_s > 0, worker  # not 4 x 100
+
+
 async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     processes.synthetic_worker(broker_url, "w1")
@@ -437,7 +452,9 @@ async def test_an_announcement_with_an_impossible_speed_is_dropped(processes: Pr
         bus_in = ctx.socket(zmq.PUB)
         bus_in.setsockopt(zmq.LINGER, 0)
         bus_in.connect(Endpoints.from_url(broker_url).bus_in)
-        liar = Announcement(worker_id="liar", models=["synthetic"], backend="x", capacity=4, tokens_per_s=math.inf)
+        liar = Announcement(
+            worker_id="liar", models=["synthetic"], backend="x", capacity=4, request_tokens_per_s=math.inf
+        )
         async with MeshClient(broker_url) as client:
             await wait_for_workers(client, 1)
             for _ in range(10):

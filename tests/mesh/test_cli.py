@@ -63,7 +63,7 @@ def test_status_follows_workers_and_generate_keeps_answering(processes: ProcessG
     snapshot = status(broker_url)
     assert snapshot["broker"]["endpoints"]["front"] == broker_url
     worker = snapshot["workers"][0]
-    for key in ("id", "models", "backend", "inflight", "capacity", "tokens_per_s"):
+    for key in ("id", "models", "backend", "inflight", "capacity", "tokens_per_s", "request_tokens_per_s"):
         assert key in worker
     assert {w["id"] for w in snapshot["workers"]} == {"w1", "w2"}
 

@@ -25,6 +25,12 @@ def test_shortest_queue_breaks_ties_by_speed() -> None:
     assert shortest_queue(candidates, state()) == 1
 
 
+def test_shortest_queue_gives_a_tie_to_a_worker_not_yet_measured() -> None:
+    """Else, at low load, every request would go to the measured worker and a new one would never be measured."""
+    candidates = [Candidate(b"measured", 0, 4, 50.0), Candidate(b"new", 0, 4, 0.0), Candidate(b"busy", 1, 4, 0.0)]
+    assert shortest_queue(candidates, state()) == 1
+
+
 def test_shortest_queue_fills_in_proportion_to_capacity() -> None:
     inflight = {b"a": 0, b"b": 0, b"c": 0}
     capacity = {b"a": 1, b"b": 2, b"c": 3}
