@@ -127,6 +127,10 @@ class _Token:
     logprob: TokenLogprob | None = None
 
 
+#: Requests a step failed for, and why.
+_Failure = tuple[list[_Sequence], Exception]
+
+
 class TransformersEngine(Engine):
     backend = "transformers"
     supports_resume = True
@@ -356,13 +360,16 @@ class TransformersEngine(Engine):
             generating = [s for s in joining if s.limit > len(s.output_ids)]  # not max_tokens 0
             running = list(self._running)
             try:
-                tokens = await loop.run_in_executor(self._executor, self._step, scoring, generating, running)
-            except Exception as exc:
+                tokens, failures = await loop.run_in_executor(self._executor, self._step, scoring, generating, running)
+            except Exception as exc:  # outside any one group's work: nothing in the batch can be trusted
                 log.exception("engine step failed")
                 for seq in joining + running:
                     self._fail(seq, exc)
                 self._running, self._batches = [], []
                 continue
+            for seqs, exc in failures:  # those requests only; the next step drops their rows
+                for seq in seqs:
+                    self._fail(seq, exc)
             self._running.extend(generating)
             for seq in scoring:
                 seq.ready.set()  # the echo and the prompt's logprobs go out first
@@ -398,18 +405,39 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------------ the step (on the engine thread)
 
-    def _step(self, scoring: list[_Sequence], joining: list[_Sequence], running: list[_Sequence]) -> list[_Token]:
+    def _step(
+        self, scoring: list[_Sequence], joining: list[_Sequence], running: list[_Sequence]
+    ) -> tuple[list[_Token], list[_Failure]]:
+        """One decode step of every batch, then the scoring and prefill of newcomers.
+
+        A failure (out of memory for a long prompt's prefill, say) fails the requests of the piece of work
+        it struck: a batch's rows, one scored prompt, or one prefill group. The others go on.
+        """
+        tokens: list[_Token] = []
+        failures: list[_Failure] = []
         with torch.inference_mode():
-            tokens: list[_Token] = []
             for batch in list(self._batches):
                 rows = [s for s in running if s.batch is batch]
                 if rows:
-                    tokens.extend(self._decode_step(batch, rows))
+                    try:
+                        tokens.extend(self._decode_step(batch, rows))
+                    except Exception as exc:
+                        log.exception("decode step failed for %d request(s)", len(rows))
+                        self._batches.remove(batch)  # its cache may have advanced for some rows only
+                        failures.append((rows, exc))
             for seq in scoring:
-                seq.prompt_logprobs = self._score_prompt(seq.prompt_ids, seq.prompt_top or 0)
+                try:
+                    seq.prompt_logprobs = self._score_prompt(seq.prompt_ids, seq.prompt_top or 0)
+                except Exception as exc:
+                    log.exception("scoring a prompt failed")
+                    failures.append(([seq], exc))
             for group in self._prefill_groups(joining):
-                tokens.extend(self._prefill(group))
-            return tokens
+                try:
+                    tokens.extend(self._prefill(group))
+                except Exception as exc:
+                    log.exception("prefill failed for %d request(s)", len(group))
+                    failures.append((group, exc))
+        return tokens, failures
 
     def _score_prompt(self, ids: list[int], top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (the first has none).
@@ -460,17 +488,17 @@ class TransformersEngine(Engine):
     def _prefill(self, group: list[_Sequence]) -> list[_Token]:
         ids, mask, positions = prefill_inputs([seq.prefill_ids for seq in group], self._device)
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        # Picked before the group joins a batch: if a pick fails, the running batch is untouched.
+        picked = [self._pick(seq, logits[row]) for row, seq in enumerate(group)]
         state = BatchState.from_prefill(out.past_key_values, mask)
         if self.config.deterministic or not self._batches:
             self._batches.append(state)
         else:
             self._batches[0].merge(state)
             state = self._batches[0]
-        logits = out.logits[:, -1]
-        picked = []
-        for row, seq in enumerate(group):
+        for seq in group:
             seq.batch = state
-            picked.append(self._pick(seq, logits[row]))
         return picked
 
     def _decode_step(self, batch: BatchState, rows: list[_Sequence]) -> list[_Token]:

@@ -184,6 +184,40 @@ async def test_closing_the_stream_frees_the_engine_row(model_dir: Path) -> None:
         await engine.stop()
 
 
+async def test_a_failed_prefill_fails_its_own_requests_only(model_dir: Path) -> None:
+    """The real engine in this process, with one fault injected: the next prefill forward raises (as an
+    out-of-memory error would for a long prompt). The newcomer fails; the request already running goes on
+    to the same text it gives alone."""
+    from mesh.engines import EngineConfig, create_engine
+    from mesh.engines.base import EngineError
+
+    engine = create_engine(EngineConfig(cache_dir=str(CACHE), capacity=4))
+    await engine.start()
+    try:
+        running = chat("Tell me a story.", max_tokens=24, ignore_eos=True, temperature=0)
+        alone = [o async for o in engine.generate(running, "alone")]
+        model = engine._model  # type: ignore[attr-defined]
+        faults = []
+
+        def fail_next_prefill(**inputs: object) -> object:
+            if inputs["input_ids"].shape[1] > 1 and not faults:  # type: ignore[attr-defined]
+                faults.append("prefill")
+                raise RuntimeError("injected: out of memory")
+            return model(**inputs)
+
+        stream = engine.generate(running, "running")
+        first = await anext(stream)
+        engine._model = fail_next_prefill  # type: ignore[attr-defined]
+        with pytest.raises(EngineError, match="injected"):
+            _ = [o async for o in engine.generate(chat("Hi", max_tokens=4), "newcomer")]
+        rest = [o async for o in stream]
+        assert faults == ["prefill"]
+        assert [t for o in [first, *rest] for t in o.token_ids] == [t for o in alone for t in o.token_ids]
+        assert rest[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        await engine.stop()
+
+
 async def test_prompt_over_the_context_is_a_clean_error(client: MeshClient) -> None:
     with pytest.raises(BadRequestError) as info:
         await client.complete(chat("Hello", max_tokens=9000))
