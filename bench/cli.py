@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--rounds", type=int, default=2, help="alternations between targets (default: 2)")
 
-    p = sub.add_parser("all", help="every suite, then summary.md and plots (under 10 minutes)")
+    p = sub.add_parser("all", help="every suite, then summary.md and plots (about 5 minutes)")
     _common(p)
     p.add_argument(
         "--skip", type=lambda v: [s for s in v.split(",") if s], default=[], metavar="S1,S2", help="suites to leave out"
