@@ -38,29 +38,38 @@ class DispatchState:
 Policy = Callable[[Sequence[Candidate], DispatchState], int]
 
 
-def shortest_queue(candidates: Sequence[Candidate], state: DispatchState) -> int:
-    """The lowest in-flight over capacity. Ties go to a worker not yet measured (else, at low load, a
-    new worker would never get the request that measures it), then to the fastest, then the first."""
-
-    def key(i: int) -> tuple[float, float]:
-        c = candidates[i]
-        return c.inflight / max(c.capacity, 1), -(c.speed if c.speed > 0 else math.inf)
-
-    return min(range(len(candidates)), key=key)
-
-
 #: The largest speed a lottery weight takes: announced figures are a worker's word, and weights
 #: that are infinite, or whose sum is, would leave random.choices nothing to draw from.
 MAX_WEIGHT_TOKENS_PER_S = 1e9
 
 
-def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
-    """Random, weighted by measured speed (workers not yet measured count as the mean)."""
-    speeds = [min(c.speed, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.speed) else 0.0 for c in candidates]
+def _speeds(candidates: Sequence[Candidate]) -> list[float]:
+    """Each candidate's speed, a worker not yet measured (or announcing nonsense) counted as the mean of
+    the measured ones: neither shunned (it could never be measured) nor preferred (a worker that fails
+    every request at once is never measured, and must not draw every request to it)."""
+    speeds = [
+        min(c.speed, MAX_WEIGHT_TOKENS_PER_S) if math.isfinite(c.speed) and c.speed > 0 else 0.0 for c in candidates
+    ]
     measured = [s for s in speeds if s > 0]
     fallback = sum(measured) / len(measured) if measured else 1.0
-    weights = [s if s > 0 else fallback for s in speeds]
-    return state.rng.choices(range(len(candidates)), weights=weights)[0]
+    return [s if s > 0 else fallback for s in speeds]
+
+
+def shortest_queue(candidates: Sequence[Candidate], state: DispatchState) -> int:
+    """The lowest in-flight over capacity; ties go to the fastest (see _speeds), then to a measured
+    worker over one not yet measured, then to the first."""
+    speeds = _speeds(candidates)
+
+    def key(i: int) -> tuple[float, float, bool]:
+        c = candidates[i]
+        return c.inflight / max(c.capacity, 1), -speeds[i], not c.speed > 0
+
+    return min(range(len(candidates)), key=key)
+
+
+def lottery(candidates: Sequence[Candidate], state: DispatchState) -> int:
+    """Random, weighted by speed (see _speeds)."""
+    return state.rng.choices(range(len(candidates)), weights=_speeds(candidates))[0]
 
 
 def round_robin(candidates: Sequence[Candidate], state: DispatchState) -> int:

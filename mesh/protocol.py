@@ -223,8 +223,9 @@ class Announcement(msgspec.Struct, omit_defaults=True, kw_only=True):
     waiting: int = 0
     #: Tokens produced per second over the last 10 s, all requests together (a load figure).
     tokens_per_s: float = 0.0
-    #: Tokens per second one running request gets here over the last 10 s of work: the worker's speed,
-    #: whatever its share of the traffic (dispatch compares workers by it). 0 until first measured.
+    #: The pace of one request here once it streams (tokens per second after its first token), over the
+    #: last 10 s: the worker's speed, whatever its share of the traffic (dispatch compares workers by it).
+    #: Kept until the window holds enough to measure again; 0 until first measured.
     request_tokens_per_s: float = 0.0
     context_length: int = 0
     version: str = ""

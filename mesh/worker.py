@@ -70,56 +70,68 @@ class WorkerConfig:
 
 
 class SpeedMeter:
-    """A worker's two speeds over a sliding window of SPEED_WINDOW_S.
+    """A worker's two speeds over the last SPEED_WINDOW_S.
 
     - `throughput`: tokens per second of wall time, all requests together: what the worker is producing
       (a load figure; 0 once idle for a window).
-    - `per_request`: tokens per second of request time, the time integral of the number of requests
-      running: how fast one request goes here. Idle time and the worker's share of the traffic stay out
-      of it (a worker that served one request in the window is not slower for it, and a busy one does not
-      look faster for being busy), so dispatch can compare workers by it. It keeps its last value while
-      the worker is idle, and is 0 until first measured.
+    - `per_request`: the pace of one request once it streams: its tokens after the first, over the time
+      since its first, summed over requests (tokens per second of streaming time). Idle time, queueing,
+      prefill and the worker's share of the traffic stay out of it (a worker that served one request in
+      the window is not slower for it, and a busy one does not look faster for being busy), so dispatch
+      can compare workers by it. It keeps its last value until the window holds enough streaming to say
+      again, and is 0 until first measured.
     """
+
+    #: Least streaming time (request-seconds) and paced tokens in the window for a new per-request figure.
+    MIN_STREAMING_S = 0.5
+    MIN_PACED_TOKENS = 8
 
     def __init__(self, now: float, window: float = SPEED_WINDOW_S) -> None:
         self._window = window
         self._started = now
-        #: (when, tokens counted then, request-seconds since the sample before)
-        self._samples: deque[tuple[float, int, float]] = deque()
+        #: (when, tokens then, of them tokens after their request's first, streaming-seconds since the sample before)
+        self._samples: deque[tuple[float, int, int, float]] = deque()
         self._tokens = 0  # sums over _samples
-        self._request_s = 0.0
-        self._running = 0
+        self._paced = 0
+        self._streaming_s = 0.0
+        self._streaming = 0  # requests that have had their first token and not ended
         self._since = now
         self._per_request = 0.0
 
-    def _sample(self, now: float, tokens: int) -> None:
-        request_s = self._running * max(now - self._since, 0.0)
+    def _sample(self, now: float, tokens: int, paced: int) -> None:
+        streaming_s = self._streaming * max(now - self._since, 0.0)
         self._since = now
-        self._samples.append((now, tokens, request_s))
+        self._samples.append((now, tokens, paced, streaming_s))
         self._tokens += tokens
-        self._request_s += request_s
+        self._paced += paced
+        self._streaming_s += streaming_s
 
-    def add(self, tokens: int, now: float) -> None:
-        self._sample(now, tokens)
+    def add(self, tokens: int, now: float, *, first: bool = False) -> None:
+        """`tokens` more of one request at `now`; `first`: they include that request's first token, which
+        starts its streaming time (what came before it was queueing and prefill, not pace)."""
+        self._sample(now, tokens, tokens - 1 if first else tokens)
+        if first:
+            self._streaming += 1
 
-    def set_running(self, count: int, now: float) -> None:
-        """The number of requests running changed (to `count`) at `now`."""
-        self._sample(now, 0)
-        self._running = count
+    def ended(self, now: float) -> None:
+        """A request that had streamed (add(..., first=True)) ended at `now`."""
+        self._sample(now, 0, 0)
+        self._streaming -= 1
         self._measure()
 
     def _measure(self) -> None:
-        if self._request_s >= 0.5:  # enough work in the window to say
-            self._per_request = self._tokens / self._request_s
+        if self._streaming_s >= self.MIN_STREAMING_S and self._paced >= self.MIN_PACED_TOKENS:
+            self._per_request = self._paced / self._streaming_s
 
     def rates(self, now: float) -> tuple[float, float]:
         """(throughput, per_request) in tokens per second."""
-        self._sample(now, 0)
+        self._sample(now, 0, 0)
         samples = self._samples
-        while now - samples[0][0] > self._window:
-            _, tokens, request_s = samples.popleft()
+        while now - samples[0][0] > self._window:  # the sample just taken stays
+            _, tokens, paced, streaming_s = samples.popleft()
             self._tokens -= tokens
-            self._request_s -= request_s
+            self._paced -= paced
+            self._streaming_s -= streaming_s
         self._measure()
         return self._tokens / max(min(self._window, now - self._started), 1.0), self._per_request
 
@@ -246,7 +258,7 @@ class Worker:
             request.seed = offset_seed(self.engine.config.seed, request.choice_index)
         task = asyncio.get_running_loop().create_task(self._serve(request_id, request))
         self._active[request_id] = task
-        self._running_changed()
+        self._load_changed.set()
 
     def _forget(self, request_id: bytes) -> None:
         """Cancels a request; it no longer counts as load, but is awaited before the worker exits."""
@@ -255,7 +267,7 @@ class Worker:
             task.cancel()
             self._cancelled.add(task)
             task.add_done_callback(self._cancelled.discard)
-            self._running_changed()
+            self._load_changed.set()
 
     def _on_connection_lost(self) -> None:
         """The connection to the broker dropped. ZeroMQ redials, but frames that were on their way
@@ -275,7 +287,15 @@ class Worker:
         self._load_changed.set()  # announce the new incarnation now
 
     async def _serve(self, request_id: bytes, request: GenerateRequest) -> None:
-        reply = ReplyStream(self._back.send, request_id, self.config.stream_interval, self._count_tokens)
+        streaming = False
+
+        def count_tokens(count: int) -> None:
+            nonlocal streaming
+            if count:
+                self._speed.add(count, time.monotonic(), first=not streaming)
+                streaming = True
+
+        reply = ReplyStream(self._back.send, request_id, self.config.stream_interval, count_tokens)
         # The engine's id for this run: unique, because the same request may come back to this process
         # (after a dropped connection) while this run's cancellation still unwinds.
         engine_id = f"{request_id.hex()}-{next(self._runs)}"
@@ -297,16 +317,11 @@ class Worker:
             reply.fail(error_frames(request_id, ErrorCode.INTERNAL, f"engine failure: {exc}", self.worker_id))
         finally:
             reply.discard()
+            if streaming:
+                self._speed.ended(time.monotonic())
             if self._active.get(request_id) is asyncio.current_task():  # not a later run of the same id
                 del self._active[request_id]
-            self._running_changed()
-
-    def _count_tokens(self, count: int) -> None:
-        self._speed.add(count, time.monotonic())
-
-    def _running_changed(self) -> None:
-        self._speed.set_running(len(self._active), time.monotonic())
-        self._load_changed.set()
+            self._load_changed.set()
 
     # ------------------------------------------------------------------ announcements
 

@@ -127,8 +127,9 @@ class _Token:
     logprob: TokenLogprob | None = None
 
 
-#: Requests a step failed for, and why.
-_Failure = tuple[list[_Sequence], Exception]
+#: Requests a step failed for, and why. The reason is text: an exception kept would keep its traceback's
+#: frames, and with them the failed forward's tensors (the memory whose lack may have been the fault).
+_Failure = tuple[list[_Sequence], str]
 
 
 class TransformersEngine(Engine):
@@ -364,12 +365,12 @@ class TransformersEngine(Engine):
             except Exception as exc:  # outside any one group's work: nothing in the batch can be trusted
                 log.exception("engine step failed")
                 for seq in joining + running:
-                    self._fail(seq, exc)
+                    self._fail(seq, str(exc))
                 self._running, self._batches = [], []
                 continue
-            for seqs, exc in failures:  # those requests only; the next step drops their rows
+            for seqs, reason in failures:  # those requests only; the next step drops their rows
                 for seq in seqs:
-                    self._fail(seq, exc)
+                    self._fail(seq, reason)
             self._running.extend(generating)
             for seq in scoring:
                 seq.ready.set()  # the echo and the prompt's logprobs go out first
@@ -381,9 +382,9 @@ class TransformersEngine(Engine):
             # Let consumers and the socket loop run between steps.
             await asyncio.sleep(0)
 
-    def _fail(self, seq: _Sequence, exc: Exception) -> None:
+    def _fail(self, seq: _Sequence, reason: str) -> None:
         seq.finished = True
-        seq.error = f"engine failure: {exc}"
+        seq.error = f"engine failure: {reason}"
         seq.ready.set()
 
     def _drop_done(self) -> None:
@@ -424,19 +425,20 @@ class TransformersEngine(Engine):
                     except Exception as exc:
                         log.exception("decode step failed for %d request(s)", len(rows))
                         self._batches.remove(batch)  # its cache may have advanced for some rows only
-                        failures.append((rows, exc))
+                        failures.append((rows, str(exc)))
             for seq in scoring:
                 try:
                     seq.prompt_logprobs = self._score_prompt(seq.prompt_ids, seq.prompt_top or 0)
                 except Exception as exc:
                     log.exception("scoring a prompt failed")
-                    failures.append(([seq], exc))
-            for group in self._prefill_groups(joining):
+                    failures.append(([seq], str(exc)))
+            scored_badly = {id(seq) for seqs, _ in failures for seq in seqs}
+            for group in self._prefill_groups([seq for seq in joining if id(seq) not in scored_badly]):
                 try:
                     tokens.extend(self._prefill(group))
                 except Exception as exc:
                     log.exception("prefill failed for %d request(s)", len(group))
-                    failures.append((group, exc))
+                    failures.append((group, str(exc)))
         return tokens, failures
 
     def _score_prompt(self, ids: list[int], top: int) -> list[TokenLogprob]:

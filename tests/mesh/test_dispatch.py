@@ -25,10 +25,13 @@ def test_shortest_queue_breaks_ties_by_speed() -> None:
     assert shortest_queue(candidates, state()) == 1
 
 
-def test_shortest_queue_gives_a_tie_to_a_worker_not_yet_measured() -> None:
-    """Else, at low load, every request would go to the measured worker and a new one would never be measured."""
-    candidates = [Candidate(b"measured", 0, 4, 50.0), Candidate(b"new", 0, 4, 0.0), Candidate(b"busy", 1, 4, 0.0)]
-    assert shortest_queue(candidates, state()) == 1
+def test_shortest_queue_neither_prefers_nor_shuns_a_worker_not_yet_measured() -> None:
+    """A worker that fails every request at once is never measured: it must not draw every tie. A new
+    one takes work as soon as the others have more."""
+    never, fast = Candidate(b"never-measured", 0, 4, 0.0), Candidate(b"fast", 0, 4, 50.0)
+    assert shortest_queue([never, fast], state()) == 1
+    assert shortest_queue([Candidate(b"fast", 1, 4, 50.0), never], state()) == 1
+    assert shortest_queue([never, Candidate(b"also-new", 0, 4, 0.0)], state()) == 0
 
 
 def test_shortest_queue_fills_in_proportion_to_capacity() -> None:
