@@ -59,6 +59,8 @@ DRAIN_BATCH = 512
 #: Longest the loop sleeps in poll, so timers and stop requests are seen.
 TICK_SECONDS = 0.05
 _ROUTING_ERRORS = (zmq.Again, zmq.ZMQError)
+#: Shortest gap between two snapshots of the mesh on the bus (each goes to every subscriber).
+SNAPSHOT_MIN_INTERVAL_S = 0.05
 #: How long a worker that said BYE is remembered: its announcements still in flight on the bus arrive
 #: within milliseconds; this is ample.
 DEPARTED_KEEP_S = 10.0
@@ -145,6 +147,8 @@ class Broker:
         #: sent as soon as the client reads again, so that no request of theirs ends in silence.
         self._owed: dict[bytes, deque[list[bytes]]] = {}
         self._next_forget = 0.0
+        self._snapshot_due = False
+        self._next_snapshot = 0.0
         self.dropped: Counter[str] = Counter()
         self.started_at = time.time()
         # Until every live worker has had time to announce itself (after a broker
@@ -604,11 +608,19 @@ class Broker:
             self._serve_queue(model)
 
     def _on_subscription(self, frames: list[bytes]) -> None:
-        # XPUB delivers b"\x01<topic>" for each subscription: answer with a snapshot.
+        # XPUB delivers b"\x01<topic>" for each subscription: a snapshot is due (sent from _tick).
         if frames and frames[0][:1] == b"\x01":
-            for worker in self._workers.values():
-                self._publish(worker.announcement_frames)
-            self._publish(self._beacon_frames(snapshot=True))
+            self._snapshot_due = True
+
+    def _publish_snapshot(self, now: float) -> None:
+        """Every live worker's announcement, then a snapshot beacon. XPUB cannot answer one subscriber
+        alone, so each snapshot goes to every subscriber: at most one per SNAPSHOT_MIN_INTERVAL_S, so that
+        subscribers joining together (every one at once, after a key is revoked) share a few."""
+        self._snapshot_due = False
+        self._next_snapshot = now + SNAPSHOT_MIN_INTERVAL_S
+        for worker in self._workers.values():
+            self._publish(worker.announcement_frames)
+        self._publish(self._beacon_frames(snapshot=True))
 
     def _publish(self, frames: list[bytes]) -> None:
         try:
@@ -642,6 +654,8 @@ class Broker:
                     self._tell(request.client, self._not_found(request.request_id, model))
         for worker in [w for w in self._workers.values() if now - w.last_seen > self._expiry]:
             self._bury(worker, f"no heartbeat for {now - worker.last_seen:.1f} s")
+        if self._snapshot_due and now >= self._next_snapshot:
+            self._publish_snapshot(now)
         if self._owed:
             self._pay_owed()
         if now >= self._next_forget:

@@ -34,9 +34,11 @@ from mesh.errors import (
 from mesh.protocol import (
     MAX_MESSAGE_BYTES,
     Announcement,
+    BrokerInfo,
     FinishReason,
     GenerateRequest,
     Kind,
+    decode,
     encode,
     new_request_id,
     pack_header,
@@ -266,6 +268,39 @@ async def test_a_worker_announces_its_throughput_and_the_speed_one_request_gets(
         await asyncio.sleep(HEARTBEAT_INTERVAL * 2)
         (worker,) = client.workers()
     assert 40 < worker.request_tokens_per_s <= 105 and worker.tokens_per_s > 0, worker  # not 4 x 100
+
+
+async def test_subscribers_joining_together_share_snapshots(processes: ProcessGroup, broker_url: str) -> None:
+    """XPUB cannot answer one subscriber alone: each snapshot of the mesh goes to every subscriber. Sixty
+    joining at once (as all do after a key is revoked) must not cost sixty snapshots to each of them."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "w1")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+    ctx = zmq.asyncio.Context()
+    try:
+        subscribers = []
+        for _ in range(60):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.subscribe(b"")
+            sub.connect(Endpoints.from_url(broker_url).bus_out)
+            subscribers.append(sub)
+
+        async def snapshots_heard(sub: zmq.asyncio.Socket) -> int:
+            count, deadline = 0, time.monotonic() + 2.0
+            while (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    header, body = await asyncio.wait_for(sub.recv_multipart(), left)
+                    if parse_header(header)[0] is Kind.BEACON and decode(body, BrokerInfo).snapshot:
+                        count += 1
+            return count
+
+        heard = await asyncio.gather(*(snapshots_heard(sub) for sub in subscribers))
+    finally:
+        ctx.destroy(linger=0)
+    assert min(heard) >= 1, heard  # every one got the mesh's state
+    assert max(heard) < 30, heard  # not one snapshot per subscriber
 
 
 async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
