@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import zmq
 
 # The process helpers are shared with the benchmarks: one implementation, in bench/processes.py.
 from bench.processes import (  # noqa: F401 (re-exported for the tests)
@@ -16,6 +20,8 @@ from bench.processes import (  # noqa: F401 (re-exported for the tests)
     mesh_env,
 )
 from mesh.client import MeshClient
+from mesh.endpoints import Endpoints
+from mesh.protocol import Announcement, Kind, encode, pack_header
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO_ROOT / ".mesh-test-artifacts"
@@ -30,6 +36,49 @@ async def wait_for_workers(client: MeshClient, count: int, timeout: float = 30.0
         if time.monotonic() > deadline:
             raise TimeoutError(f"expected {count} workers, see {[w.worker_id for w in workers]}")
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def hand_made_worker(broker_url: str, worker_id: str, model: str, capacity: int = 1) -> AsyncIterator[zmq.Socket]:
+    """A worker played by the test, for frames no real worker would send: yields a DEALER on the
+    broker's back port (receive SUBMITs with `recv`, send replies by hand) and announces it on the bus
+    every 0.1 s while the block runs."""
+    endpoints = Endpoints.from_url(broker_url)
+    ctx = zmq.Context()
+    try:
+        back = ctx.socket(zmq.DEALER)
+        back.setsockopt(zmq.IDENTITY, worker_id.encode())
+        bus = ctx.socket(zmq.PUB)
+        for sock, endpoint in ((back, endpoints.back), (bus, endpoints.bus_in)):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+        hello = Announcement(
+            worker_id=worker_id, models=[model], backend="hand-made", capacity=capacity, started_at=1.0
+        )
+
+        async def heartbeat() -> None:
+            while True:
+                bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(hello)])
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(heartbeat())
+        try:
+            yield back
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def recv(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
+    """A message from a plain socket, without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not sock.poll(0):
+        assert time.monotonic() < deadline, "nothing arrived"
+        await asyncio.sleep(0.01)
+    return sock.recv_multipart()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02, message: str = "condition") -> float:  # type: ignore[no-untyped-def]

@@ -44,7 +44,7 @@ from mesh.protocol import (
     pack_header,
     parse_header,
 )
-from tests.support import ProcessGroup, wait_for_workers
+from tests.support import ProcessGroup, hand_made_worker, recv, wait_for_workers
 
 
 def request(
@@ -528,47 +528,25 @@ async def test_a_reply_no_one_can_read_ends_its_request_with_an_error(processes:
     """A worker from another release, or a corrupt frame: the request ends with a MeshError and frees
     the worker's slot, instead of waiting forever."""
     processes.broker(broker_url)
-    endpoints = Endpoints.from_url(broker_url)
-    ctx = zmq.asyncio.Context()
-    try:
-        back = ctx.socket(zmq.DEALER)
-        back.setsockopt(zmq.IDENTITY, b"raw")
-        bus_in = ctx.socket(zmq.PUB)
-        for sock, endpoint in ((back, endpoints.back), (bus_in, endpoints.bus_in)):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-        me = Announcement(worker_id="raw", models=["raw"], backend="hand-made", capacity=1)
 
-        async def announce() -> None:
-            while True:
-                await bus_in.send_multipart([pack_header(Kind.ANNOUNCE), encode(me)])
-                await asyncio.sleep(0.2)
+    async def next_request(back: zmq.Socket) -> bytes:
+        while True:
+            kind, request_id = parse_header((await recv(back))[0])
+            if kind is Kind.SUBMIT:
+                return request_id
 
-        async def next_request() -> bytes:
-            while True:
-                kind, request_id = parse_header((await asyncio.wait_for(back.recv_multipart(), 5))[0])
-                if kind is Kind.SUBMIT:
-                    return request_id
-
-        announcer = asyncio.create_task(announce())
-        try:
-            async with MeshClient(broker_url) as client:
-                await wait_for_workers(client, 1)
-                # An ERROR frame the broker cannot decode: the request ends, and the one slot is free again.
-                first = asyncio.create_task(client.complete(request("raw")))
-                await back.send_multipart([pack_header(Kind.ERROR, await next_request()), b"\xc1"])
-                with pytest.raises(EngineFailureError, match="could not be read"):
-                    await asyncio.wait_for(first, 5)
-                # A TOKENS frame the broker forwards unread and the client cannot decode: a MeshError, and
-                # the request is cancelled on its worker.
-                second = asyncio.create_task(client.complete(request("raw")))
-                request_id = await next_request()
-                await back.send_multipart([pack_header(Kind.TOKENS, request_id), b"\xc1"])
-                with pytest.raises(EngineFailureError, match="could not be read"):
-                    await asyncio.wait_for(second, 5)
-                frames = await asyncio.wait_for(back.recv_multipart(), 5)
-                assert parse_header(frames[0]) == (Kind.CANCEL, request_id)
-        finally:
-            announcer.cancel()
-    finally:
-        ctx.destroy(linger=0)
+    async with hand_made_worker(broker_url, "raw", "raw") as back, MeshClient(broker_url) as client:
+        await wait_for_workers(client, 1)
+        # An ERROR frame the broker cannot decode: the request ends, and the one slot is free again.
+        first = asyncio.create_task(client.complete(request("raw")))
+        back.send_multipart([pack_header(Kind.ERROR, await next_request(back)), b"\xc1"])
+        with pytest.raises(EngineFailureError, match="could not be read"):
+            await asyncio.wait_for(first, 5)
+        # A TOKENS frame the broker forwards unread and the client cannot decode: a MeshError, and the
+        # request is cancelled on its worker.
+        second = asyncio.create_task(client.complete(request("raw")))
+        request_id = await next_request(back)
+        back.send_multipart([pack_header(Kind.TOKENS, request_id), b"\xc1"])
+        with pytest.raises(EngineFailureError, match="could not be read"):
+            await asyncio.wait_for(second, 5)
+        assert parse_header((await recv(back))[0]) == (Kind.CANCEL, request_id)

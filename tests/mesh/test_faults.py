@@ -21,7 +21,6 @@ from mesh.engines.base import EngineConfig
 from mesh.engines.synthetic import SyntheticEngine
 from mesh.errors import BrokerUnavailableError, WorkerLostError
 from mesh.protocol import (
-    Announcement,
     FinishReason,
     GenerateRequest,
     Kind,
@@ -31,7 +30,16 @@ from mesh.protocol import (
     pack_header,
     parse_header,
 )
-from tests.support import REPO_ROOT, ProcessGroup, TcpRelay, free_broker_url, free_port, wait_for_workers
+from tests.support import (
+    REPO_ROOT,
+    ProcessGroup,
+    TcpRelay,
+    free_broker_url,
+    free_port,
+    hand_made_worker,
+    recv,
+    wait_for_workers,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -219,15 +227,6 @@ async def test_a_blip_on_a_workers_connection_loses_no_token(processes: ProcessG
             assert (await asyncio.wait_for(client.complete(_request(99, 5)), 10)).finish_reason is FinishReason.LENGTH
 
 
-async def _recv(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
-    """A message from a plain socket, without blocking the event loop."""
-    deadline = time.monotonic() + timeout
-    while not sock.poll(0):
-        assert time.monotonic() < deadline, "nothing arrived"
-        await asyncio.sleep(0.01)
-    return sock.recv_multipart()
-
-
 async def test_a_stream_with_a_frame_missing_is_never_passed_off_as_whole(
     processes: ProcessGroup, broker_url: str
 ) -> None:
@@ -235,40 +234,23 @@ async def test_a_stream_with_a_frame_missing_is_never_passed_off_as_whole(
     redialled) does not hand on a stream with a hole. It moves the request on (here, with migration
     off, it reports the loss) and cancels what is left of it on the worker."""
     processes.broker(broker_url)
-    endpoints = Endpoints.from_url(broker_url)
-    ctx = zmq.Context()
-    try:
-        back = ctx.socket(zmq.DEALER)
-        back.setsockopt(zmq.IDENTITY, b"gappy")
-        bus = ctx.socket(zmq.PUB)
-        for sock, endpoint in ((back, endpoints.back), (bus, endpoints.bus_in)):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
-        hello = Announcement(worker_id="gappy", models=["synthetic"], backend="fake", capacity=4, started_at=1.0)
-
-        async def heartbeat() -> None:
-            while True:
-                bus.send_multipart([pack_header(Kind.ANNOUNCE), encode(hello)])
-                await asyncio.sleep(0.1)
-
-        beating = asyncio.create_task(heartbeat())
-        async with MeshClient(broker_url, migrate=False) as client:
-            await wait_for_workers(client, 1)
-            stream = client.generate(_request(0, 5))
-            first = asyncio.ensure_future(anext(stream))
-            _, request_id = parse_header((await _recv(back))[0])
-            for seq in (1, 2, 4):  # frame 3 lost on the way; the request still runs
-                chunk = TokenChunk(f" word{seq}", [seq], seq=seq)
-                back.send_multipart([pack_header(Kind.TOKENS, request_id), encode(chunk)])
-            received = [await first]
-            with pytest.raises(WorkerLostError, match="lost"):
-                async for chunk in stream:
-                    received.append(chunk)
-            assert [t for chunk in received for t in chunk.token_ids] == [1, 2]
-            assert parse_header((await _recv(back))[0]) == (Kind.CANCEL, request_id)
-        beating.cancel()
-    finally:
-        ctx.destroy(linger=0)
+    async with (
+        hand_made_worker(broker_url, "gappy", "synthetic", capacity=4) as back,
+        MeshClient(broker_url, migrate=False) as client,
+    ):
+        await wait_for_workers(client, 1)
+        stream = client.generate(_request(0, 5))
+        first = asyncio.ensure_future(anext(stream))
+        _, request_id = parse_header((await recv(back))[0])
+        for seq in (1, 2, 4):  # frame 3 lost on the way; the request still runs
+            chunk = TokenChunk(f" word{seq}", [seq], seq=seq)
+            back.send_multipart([pack_header(Kind.TOKENS, request_id), encode(chunk)])
+        received = [await first]
+        with pytest.raises(WorkerLostError, match="lost"):
+            async for chunk in stream:
+                received.append(chunk)
+        assert [t for chunk in received for t in chunk.token_ids] == [1, 2]
+        assert parse_header((await recv(back))[0]) == (Kind.CANCEL, request_id)
 
 
 async def test_sigstop_is_dead_within_2s_and_rejoins_on_sigcont(processes: ProcessGroup, broker_url: str) -> None:
