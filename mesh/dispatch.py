@@ -23,7 +23,7 @@ class Candidate:
     worker_id: bytes
     inflight: int
     capacity: int
-    #: Tokens per second one request gets on this worker (Announcement.request_tokens_per_s); 0: not measured.
+    #: The pace of one request on this worker once it streams (Announcement.request_tokens_per_s); 0: not measured.
     speed: float
 
 

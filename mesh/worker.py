@@ -150,7 +150,6 @@ class Worker:
         self._stopping = asyncio.Event()
         self._load_changed = asyncio.Event()
         self._speed = SpeedMeter(time.monotonic())
-        self._tokens_per_s = 0.0
         self._seq = 0
         self._runs = itertools.count()
         self._started_at = time.time()
