@@ -380,13 +380,20 @@ class Broker:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self, request: _Request, exclude: bytes | None = None) -> bool:
-        """Sends the request to a worker with a free slot; False if there is none."""
-        workers = [
+    def _free_workers(self, model: str, exclude: bytes | None = None, longer_than: int = 0) -> list[_Worker]:
+        """The workers of `model` with a free slot (and, given `longer_than`, a longer context than that)."""
+        return [
             w
-            for w in self._by_model.get(request.model, ())
-            if len(w.inflight) < w.announcement.capacity and not w.announcement.draining and w.worker_id != exclude
+            for w in self._by_model.get(model, ())
+            if len(w.inflight) < w.announcement.capacity
+            and not w.announcement.draining
+            and w.worker_id != exclude
+            and (not longer_than or w.announcement.context_length > longer_than)
         ]
+
+    def _dispatch(self, request: _Request, exclude: bytes | None = None, longer_than: int = 0) -> bool:
+        """Sends the request to a worker with a free slot; False if there is none."""
+        workers = self._free_workers(request.model, exclude, longer_than)
         while workers:
             candidates = [
                 Candidate(w.worker_id, len(w.inflight), w.announcement.capacity, w.announcement.request_tokens_per_s)
@@ -471,6 +478,9 @@ class Broker:
             if reply.code is ErrorCode.WORKER_LOST and not request.started:
                 self._retry(request, worker)  # a worker that gave up on it (a drain that ran out of time)
                 return
+            too_long = reply.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED and not request.started
+            if too_long and worker is not None and self._move_to_longer_context(request, worker):
+                return
         if kind is not Kind.TOKENS:
             self._tell(request.client, frames[1:])  # its last frame: the worker is done with it either way
             self._finish(request)
@@ -503,6 +513,22 @@ class Broker:
         exclude = refused_by.worker_id if refused_by is not None else None
         if not self._dispatch(request, exclude=exclude):
             self._enqueue(request, front=True)
+
+    def _move_to_longer_context(self, request: _Request, refused_by: _Worker) -> bool:
+        """A worker found the request too long for its context (workers of one model may differ: see
+        `mesh worker --max-model-len`). A worker of the model with a longer context takes it, if one has a
+        free slot now; else the refusal stands, and is the client's answer. Each move goes to a strictly
+        longer context, so a request moves at most once per length."""
+        context = refused_by.announcement.context_length
+        if not context or not self._free_workers(request.model, longer_than=context):
+            return False
+        refused_by.inflight.discard(request.request_id)
+        request.worker = None
+        request.attempts -= 1  # a refusal is not a lost attempt
+        moved = self._dispatch(request, longer_than=context)
+        for model in refused_by.announcement.models:
+            self._serve_queue(model)
+        return moved
 
     def _retry(self, request: _Request, worker: _Worker | None) -> None:
         """Sends an unstarted request elsewhere, or reports it lost after max_attempts."""

@@ -195,6 +195,13 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         "for an engine that outruns the mesh). 0 sends every step at once",
     )
     p.add_argument("--cache-dir", metavar="DIR", help="where converted models are kept (env: LLM_MESH_CACHE)")
+    p.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        metavar="N",
+        help="context length in tokens, at most the model's (default: the model's). Requests that do not fit "
+        "here go to a worker of the same model with a longer context when one is free",
+    )
 
     tf = p.add_argument_group("transformers backend")
     tf.add_argument(
@@ -219,7 +226,6 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     vl = p.add_argument_group("vllm backend")
     vl.add_argument("--tensor-parallel-size", type=_positive_int, default=1, help="GPUs per model (default: 1)")
     vl.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU memory share (default: 0.9)")
-    vl.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     vl.add_argument("--quantization", help="quantization method, as vLLM names it")
     vl.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     vl.add_argument(

@@ -38,13 +38,14 @@ class EngineConfig:
     cpu_threads: int = 1
     #: Where converted models are cached (None: $LLM_MESH_CACHE or $XDG_CACHE_HOME/llm-mesh/models).
     cache_dir: str | None = None
+    #: Context length in tokens, at most the model's (None: the model's).
+    max_model_len: int | None = None
     # synthetic
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
     # vllm
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
     quantization: str | None = None
     enforce_eager: bool = False
     engine_args: dict[str, object] = field(default_factory=dict)
@@ -75,6 +76,13 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def capped_context(model_context: int, max_model_len: int | None) -> int:
+    """The context a worker serves: the model's, or less (--max-model-len); 0 means unknown."""
+    if max_model_len is None:
+        return model_context
+    return min(model_context, max_model_len) if model_context else max_model_len
 
 
 def context_exceeded(prompt_tokens: int, max_tokens: int, context_length: int, resumed: int = 0) -> EngineError:

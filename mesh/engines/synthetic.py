@@ -17,6 +17,7 @@ from mesh.engines.base import (
     EngineConfig,
     EngineOutput,
     EngineStats,
+    capped_context,
     context_exceeded,
     fit_to_context,
 )
@@ -88,7 +89,7 @@ class SyntheticEngine(Engine):
 
     @property
     def context_length(self) -> int:
-        return SYNTHETIC_CONTEXT_LENGTH
+        return capped_context(SYNTHETIC_CONTEXT_LENGTH, self.config.max_model_len)
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running)
@@ -96,10 +97,11 @@ class SyntheticEngine(Engine):
     async def generate(self, request: GenerateRequest, request_id: str) -> AsyncIterator[EngineOutput]:
         prompt = _prompt_text(request)
         prompt_tokens = len(request.prompt_token_ids or prompt.split()) or 1
-        request = fit_to_context(request, prompt_tokens, SYNTHETIC_CONTEXT_LENGTH)
+        context = self.context_length
+        request = fit_to_context(request, prompt_tokens, context)
         resumed = len(request.resume_token_ids)
-        if prompt_tokens + resumed + request.max_tokens > SYNTHETIC_CONTEXT_LENGTH:
-            raise context_exceeded(prompt_tokens, request.max_tokens, SYNTHETIC_CONTEXT_LENGTH, resumed)
+        if prompt_tokens + resumed + request.max_tokens > context:
+            raise context_exceeded(prompt_tokens, request.max_tokens, context, resumed)
         seed = request.seed if request.seed is not None else self.config.seed
         if seed is None:
             seed = self._seeds.getrandbits(63)

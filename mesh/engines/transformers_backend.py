@@ -43,6 +43,7 @@ from mesh.engines.base import (
     EngineError,
     EngineOutput,
     EngineStats,
+    capped_context,
     context_exceeded,
     encode_off_loop,
     fit_to_context,
@@ -195,7 +196,9 @@ class TransformersEngine(Engine):
         )
         self._names = list(self.config.model_names or resolved.default_names)
         model_config = model.config
-        self._context_length = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+        self._context_length = capped_context(
+            int(getattr(model_config, "max_position_embeddings", 0) or 0), self.config.max_model_len
+        )
         self._vocab_size = int(model_config.vocab_size)
         eos = set()
         for source in (getattr(model.generation_config, "eos_token_id", None), self._tokenizer.eos_token_id):

@@ -43,7 +43,15 @@ def mesh_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         common = ("worker", "--broker", url, "--cache-dir", str(CACHE), "--capacity", "10")
         group.mesh("worker-a", *common, "--worker-id", "a", "--model-names", f"{DEFAULT_MODEL_NAME},tiny-a")
         group.mesh(
-            "worker-b", *common, "--worker-id", "b", "--model-names", f"{DEFAULT_MODEL_NAME},tiny-b", "--deterministic"
+            "worker-b",
+            *common,
+            "--worker-id",
+            "b",
+            "--model-names",
+            f"{DEFAULT_MODEL_NAME},tiny-b",
+            "--deterministic",
+            "--max-model-len",
+            "4096",
         )
 
         async def ready() -> None:
@@ -240,6 +248,18 @@ async def test_prompt_over_the_context_is_a_clean_error(client: MeshClient) -> N
         await client.complete(chat("Hello", max_tokens=9000))
     message = info.value.message
     assert "9000" in message and "8192" in message
+
+
+async def test_max_model_len_caps_the_context_a_worker_serves(client: MeshClient) -> None:
+    """Worker B runs with --max-model-len 4096 (the model's own is 8192): it says so on the bus and holds
+    requests to it; on the name both serve, a request too long for B goes to A."""
+    await wait_for_workers(client, 2)
+    assert {w.worker_id: w.context_length for w in client.workers()} == {"a": 8192, "b": 4096}
+    with pytest.raises(ContextLengthError, match="4096"):
+        await client.complete(chat("Hello", model="tiny-b", max_tokens=4500))
+    long = chat("Hi", model=DEFAULT_MODEL_NAME, max_tokens=6000, temperature=0, stop=[".", "!", "?", "\n"])
+    done = await asyncio.gather(*(client.complete(long) for _ in range(4)))  # spread over both, then moved
+    assert {d.worker_id for d in done} == {"a"}
 
 
 async def test_a_huge_prompt_is_tokenized_without_stalling_the_worker(client: MeshClient) -> None:

@@ -25,6 +25,7 @@ from mesh.endpoints import Endpoints
 from mesh.errors import (
     BadRequestError,
     BrokerUnavailableError,
+    ContextLengthError,
     EngineFailureError,
     ModelNotFoundError,
     OverloadedError,
@@ -301,6 +302,28 @@ async def test_subscribers_joining_together_share_snapshots(processes: ProcessGr
         ctx.destroy(linger=0)
     assert min(heard) >= 1, heard  # every one got the mesh's state
     assert max(heard) < 30, heard  # not one snapshot per subscriber
+
+
+async def test_a_request_too_long_for_one_workers_context_goes_to_a_longer_one(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    """Workers of one model may serve different contexts (--max-model-len): a request that fits only the
+    longer one is moved there, not refused, whichever the policy picked first."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "short", "--max-model-len", "1000")
+    processes.synthetic_worker(broker_url, "long", "--max-model-len", "4096")
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 2)
+        assert sorted(w.context_length for w in client.workers()) == [1000, 4096]
+        done = await asyncio.wait_for(
+            asyncio.gather(*(client.complete(request(max_tokens=2000)) for _ in range(6))), 20
+        )
+        assert {d.worker_id for d in done} == {"long"}
+        assert all(d.usage.completion_tokens == 2000 for d in done)
+        with pytest.raises(ContextLengthError, match="4096"):  # too long for every worker: the longest says so
+            await client.complete(request(max_tokens=5000))
+        short = await asyncio.gather(*(client.complete(request(max_tokens=10)) for _ in range(8)))
+        assert {d.worker_id for d in short} == {"short", "long"}  # both still serve what fits both
 
 
 async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
