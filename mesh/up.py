@@ -51,6 +51,8 @@ class UpConfig:
     #: Any other `mesh worker` options, as command-line words.
     worker_args: tuple[str, ...] = ()
     api: bool = True
+    #: Any other `mesh gateway openai` options, as command-line words.
+    api_args: tuple[str, ...] = ()
     ui: bool = True
     ui_args: tuple[str, ...] = ()
     log_dir: Path | None = None
@@ -101,7 +103,7 @@ def child_specs(config: UpConfig) -> list[ChildSpec]:
     specs = [ChildSpec("broker", (*mesh, "broker", *broker)), ChildSpec("worker", tuple(worker))]
     if config.api:
         api = (*mesh, "gateway", "openai", *broker, "--host", LOOPBACK, "--port", str(config.api_port))
-        specs.append(ChildSpec("openai", api))
+        specs.append(ChildSpec("openai", (*api, *config.api_args)))
     if config.ui:
         ui = (*mesh, "gateway", "gradio", *broker, "--host", LOOPBACK, "--port", str(config.ui_port))
         specs.append(ChildSpec("gradio", (*ui, "--model-list-mode", "reload", *config.ui_args)))
@@ -353,6 +355,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-api", action="store_true", help="do not start the OpenAI gateway")
     p.add_argument("--no-ui", action="store_true", help="do not start the chat UI")
+    p.add_argument(
+        "--api-keys",
+        type=comma_list,
+        default=(),
+        metavar="K1,K2",
+        help="passed to the OpenAI gateway: accept only these Bearer keys (default: no keys needed)",
+    )
     p.add_argument("--gradio-auth-path", type=Path, metavar="FILE", help="passed to the UI: user:password lines")
     p.add_argument(
         "--log-dir",
@@ -385,6 +394,7 @@ def config_from_args(args: argparse.Namespace) -> UpConfig:
     if args.log_dir:
         # Votes and flags beside the logs: with --log-dir, everything this run writes is in one place.
         ui_args += ["--log-dir", str(args.log_dir / "gradio")]
+    api_args = ["--api-keys", ",".join(args.api_keys)] if args.api_keys else []
     return UpConfig(
         broker_url=args.broker,
         api_port=args.api_port,
@@ -394,6 +404,7 @@ def config_from_args(args: argparse.Namespace) -> UpConfig:
         model_names=args.model_names,
         worker_args=tuple(args.worker_arg),
         api=not args.no_api,
+        api_args=tuple(api_args),
         ui=not args.no_ui,
         ui_args=tuple(ui_args),
         log_dir=args.log_dir,

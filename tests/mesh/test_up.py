@@ -15,7 +15,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from openai import OpenAI
+import pytest
+from openai import AuthenticationError, OpenAI
 
 from tests.support import REPO_ROOT, ProcessGroup, free_broker_url, free_port, mesh_env, wait_until
 
@@ -61,6 +62,8 @@ def test_up_serves_both_ports_and_stops_clean(processes: ProcessGroup) -> None:
         "syn",
         "--worker-arg=--itl-ms",
         "--worker-arg=2",
+        "--api-keys",
+        "token-abc123",
     )
     groups: set[int] = set()
     try:
@@ -77,11 +80,14 @@ def test_up_serves_both_ports_and_stops_clean(processes: ProcessGroup) -> None:
         assert groups == set(children)  # each child leads a process group of its own
 
         assert f"http://127.0.0.1:{api_port}/v1" in up.output() and f"http://127.0.0.1:{ui_port}/" in up.output()
-        client = OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0, timeout=30)
+        api = f"http://127.0.0.1:{api_port}/v1"
+        client = OpenAI(base_url=api, api_key="token-abc123", max_retries=0, timeout=30)
         reply = client.chat.completions.create(
             model="syn", messages=[{"role": "user", "content": "hello"}], max_tokens=8
         )
         assert reply.choices[0].message.content
+        with pytest.raises(AuthenticationError):  # --api-keys reached the gateway
+            OpenAI(base_url=api, api_key="wrong", max_retries=0, timeout=30).models.list()
         with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/", timeout=10) as page:
             assert page.status == 200 and b"gradio" in page.read().lower()
 
