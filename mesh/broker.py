@@ -101,6 +101,10 @@ class _Request:
     worker: bytes | None = None
     started: bool = False
     attempts: int = 0
+    #: A worker with this context refused the request as too long: only a longer context may take it.
+    exceeds_context: int = 0
+    #: That refusal, the client's answer once no worker with a longer context is left.
+    refusal: list[bytes] | None = None
 
 
 def warm_up_seconds(heartbeat_interval: float) -> float:
@@ -312,7 +316,10 @@ class Broker:
             return
         request = _Request(request_id, client, model, submit_frames)
         self._requests[request_id] = request
-        if self._queues.get(model) or not self._dispatch(request):
+        if self._queues.get(model):
+            self._enqueue(request)  # behind those waiting; it may still go first (see _serve_queue)
+            self._serve_queue(model)
+        elif not self._dispatch(request):
             self._enqueue(request)
 
     def _not_found(self, request_id: bytes, model: str) -> list[bytes]:
@@ -391,9 +398,9 @@ class Broker:
             and (not longer_than or w.announcement.context_length > longer_than)
         ]
 
-    def _dispatch(self, request: _Request, exclude: bytes | None = None, longer_than: int = 0) -> bool:
-        """Sends the request to a worker with a free slot; False if there is none."""
-        workers = self._free_workers(request.model, exclude, longer_than)
+    def _dispatch(self, request: _Request, exclude: bytes | None = None) -> bool:
+        """Sends the request to a worker with a free slot (and context enough); False if there is none."""
+        workers = self._free_workers(request.model, exclude, request.exceeds_context)
         while workers:
             candidates = [
                 Candidate(w.worker_id, len(w.inflight), w.announcement.capacity, w.announcement.request_tokens_per_s)
@@ -415,11 +422,31 @@ class Broker:
             return False  # not connected yet, or not reading: the heartbeat decides its fate
 
     def _serve_queue(self, model: str) -> None:
+        """Sends waiting requests to free workers, in order. One that waits for a longer context than any
+        free worker has lets those behind it go first; one that no worker left can take gets its refusal."""
         queue = self._queues.get(model)
-        while queue:
-            if not self._dispatch(queue[0]):
+        position = 0
+        while queue is not None and position < len(queue):
+            request = queue[position]
+            if not self._context_available(request):
+                del queue[position]
+                del self._requests[request.request_id]
+                assert request.refusal is not None
+                self._tell(request.client, request.refusal)
+            elif self._dispatch(request):
+                del queue[position]
+            elif request.exceeds_context and self._free_workers(model):
+                position += 1
+            else:
                 return
-            queue.popleft()
+
+    def _context_available(self, request: _Request) -> bool:
+        """Whether a worker of the request's model, free or busy, has the context it needs."""
+        need = request.exceeds_context
+        return not need or any(
+            w.announcement.context_length > need and not w.announcement.draining
+            for w in self._by_model.get(request.model, ())
+        )
 
     def _finish(self, request: _Request) -> None:
         """Forgets a request and frees its worker's slot."""
@@ -479,7 +506,7 @@ class Broker:
                 self._retry(request, worker)  # a worker that gave up on it (a drain that ran out of time)
                 return
             too_long = reply.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED and not request.started
-            if too_long and worker is not None and self._move_to_longer_context(request, worker):
+            if too_long and worker is not None and self._move_to_longer_context(request, worker, frames[1:]):
                 return
         if kind is not Kind.TOKENS:
             self._tell(request.client, frames[1:])  # its last frame: the worker is done with it either way
@@ -514,21 +541,27 @@ class Broker:
         if not self._dispatch(request, exclude=exclude):
             self._enqueue(request, front=True)
 
-    def _move_to_longer_context(self, request: _Request, refused_by: _Worker) -> bool:
+    def _move_to_longer_context(self, request: _Request, refused_by: _Worker, refusal: list[bytes]) -> bool:
         """A worker found the request too long for its context (workers of one model may differ: see
-        `mesh worker --max-model-len`). A worker of the model with a longer context takes it, if one has a
-        free slot now; else the refusal stands, and is the client's answer. Each move goes to a strictly
-        longer context, so a request moves at most once per length."""
+        `mesh worker --max-model-len`). A worker of the model with a longer context takes it: now, or when
+        one has a free slot (the request waits at the head of the queue). With no such worker, the refusal
+        stands and is the client's answer; it is kept for the client should every longer worker leave
+        while the request waits. Each move goes to a strictly longer context, so it ends."""
         context = refused_by.announcement.context_length
-        if not context or not self._free_workers(request.model, longer_than=context):
+        if not context:
+            return False
+        request.exceeds_context = max(request.exceeds_context, context)
+        if not self._context_available(request):
             return False
         refused_by.inflight.discard(request.request_id)
         request.worker = None
         request.attempts -= 1  # a refusal is not a lost attempt
-        moved = self._dispatch(request, longer_than=context)
+        request.refusal = refusal
+        if not self._dispatch(request):
+            self._enqueue(request, front=True)
         for model in refused_by.announcement.models:
             self._serve_queue(model)
-        return moved
+        return True
 
     def _retry(self, request: _Request, worker: _Worker | None) -> None:
         """Sends an unstarted request elsewhere, or reports it lost after max_attempts."""
@@ -558,9 +591,12 @@ class Broker:
             else:
                 self._retry(request, None)
         worker.inflight.clear()
-        # Queued requests for a model nobody serves any more will never run.
+        # Queued requests for a model nobody serves any more will never run; those that wait for a
+        # context only this worker had get their refusal.
         for model in worker.announcement.models:
-            if not self._by_model.get(model):
+            if self._by_model.get(model):
+                self._serve_queue(model)
+            else:
                 for request in self._queues.pop(model, ()):
                     del self._requests[request.request_id]
                     message = f"model {request.model!r} is no longer served by any worker"

@@ -326,6 +326,45 @@ async def test_a_request_too_long_for_one_workers_context_goes_to_a_longer_one(
         assert {d.worker_id for d in short} == {"short", "long"}  # both still serve what fits both
 
 
+async def test_a_request_too_long_for_the_free_workers_waits_for_a_busy_longer_one(
+    processes: ProcessGroup, broker_url: str
+) -> None:
+    """When the only worker with context enough is busy, a request that fits only it waits for its slot
+    instead of being refused, and requests that fit the free worker go first meanwhile. When no worker
+    with context enough is left to wait for, the waiting request gets the refusal."""
+    processes.broker(broker_url)
+    processes.synthetic_worker(broker_url, "short", "--max-model-len", "1000")
+    long_worker = processes.synthetic_worker(
+        broker_url, "long", "--max-model-len", "4096", "--capacity", "1", "--itl-ms", "20"
+    )
+    # 995 prompt tokens (one per word, for the synthetic engine) and more: too long for "short" only.
+    long_prompt = " ".join(["word"] * 995)
+    too_long_for_short = request(prompt=long_prompt, max_tokens=10)
+    async with MeshClient(broker_url) as client:
+        await wait_for_workers(client, 2)
+        # "long"'s one slot, for a second.
+        blocker = asyncio.create_task(client.complete(request(prompt=long_prompt, max_tokens=50)))
+        await asyncio.sleep(0.3)
+        waiting = asyncio.create_task(client.complete(too_long_for_short))
+        fitting = await asyncio.wait_for(asyncio.gather(*(client.complete(request(max_tokens=3)) for _ in range(4))), 5)
+        assert {d.worker_id for d in fitting} == {"short"}
+        assert not blocker.done() and not waiting.done()  # it waits: it was neither refused nor served
+        assert (await asyncio.wait_for(blocker, 10)).worker_id == "long"
+        served = await asyncio.wait_for(waiting, 10)
+        assert (served.worker_id, served.usage.prompt_tokens, served.usage.completion_tokens) == ("long", 995, 10)
+
+        # Again, but the longer worker leaves (it drains) while the request waits for it.
+        blocker = asyncio.create_task(client.complete(request(prompt=long_prompt, max_tokens=50)))
+        await asyncio.sleep(0.3)
+        waiting = asyncio.create_task(client.complete(too_long_for_short))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        long_worker.signal(signal.SIGTERM)
+        with pytest.raises(ContextLengthError, match="1000"):  # the refusal it had from "short"
+            await asyncio.wait_for(waiting, 5)
+        assert (await asyncio.wait_for(blocker, 10)).worker_id == "long"  # the drain finishes what it has
+
+
 async def test_unknown_model_is_refused_at_once(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     processes.synthetic_worker(broker_url, "w1")
