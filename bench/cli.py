@@ -98,6 +98,13 @@ async def _overhead(args: argparse.Namespace) -> SuiteResult:
     )
 
 
+async def _timeline(args: argparse.Namespace) -> SuiteResult:
+    from bench import timeline
+
+    requests = 50 if args.smoke else 500 if args.quick else args.requests
+    return await timeline.run(args.out, requests=requests, max_tokens=args.max_tokens, progress=not args.no_progress)
+
+
 def _serve_sizes(args: argparse.Namespace) -> tuple[list[int], int, float]:
     if args.smoke:
         return [1, 2], 1, 10.0
@@ -150,6 +157,7 @@ SUITES: dict[str, Runner] = {
     "relay": _relay,
     "roundtrip": _roundtrip,
     "overhead": _overhead,
+    "timeline": _timeline,
     "serve": _serve,
     "compare": _compare,
     "all": _all,
@@ -199,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="the worker's --stream-interval-ms (default: the worker's own, 0.5); 0 sends every token as a frame",
     )
+
+    p = sub.add_parser("timeline", help="one request's time to first token, event by event in every process")
+    _common(p)
+    p.add_argument("--requests", type=int, default=2000, help="sequential requests (default: 2000)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default: 32)")
 
     for name, text in (
         ("serve", "a real model through the OpenAI gateway at a sweep of concurrency"),

@@ -7,10 +7,11 @@ mesh's own cost, never a model's.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.processes import ProcessGroup, StartupError, free_broker_url, start_gateway, wait_for_models
+from bench.processes import MESH_CLI, ProcessGroup, StartupError, free_broker_url, start_gateway, wait_for_models
 
 SYNTHETIC_MODEL = "synthetic-bench"
 
@@ -46,12 +47,19 @@ class SyntheticMesh:
 
 
 async def start_synthetic_mesh(
-    logs: Path, capacity: int, gateway: bool, placement: Placement | None = None, worker_args: tuple[str, ...] = ()
+    logs: Path,
+    capacity: int,
+    gateway: bool,
+    placement: Placement | None = None,
+    worker_args: tuple[str, ...] = (),
+    cli: Sequence[str] = MESH_CLI,
 ) -> SyntheticMesh:
+    """`cli`: how each `mesh` command starts (bench.timeline's probes go in front of it)."""
+
     def cpus(value: str | None) -> tuple[str, ...]:
         return ("--cpus", value) if value is not None else ()
 
-    group = ProcessGroup(logs)
+    group = ProcessGroup(logs, cli=cli)
     try:
         url = free_broker_url()
         broker = group.broker(url, "--log-level", "WARNING", *cpus(placement and placement.broker))

@@ -78,9 +78,9 @@ def mesh_env(**extra: str) -> dict[str, str]:
 MESH_CLI = (sys.executable, "-m", "mesh.cli")
 
 
-def synthetic_worker_command(url: str, models: str, *args: str) -> list[str]:
+def synthetic_worker_command(url: str, models: str, *args: str, cli: Sequence[str] = MESH_CLI) -> list[str]:
     """`mesh worker` on the synthetic engine (fake tokens; for benchmarks and fault tests, not a model)."""
-    return [*MESH_CLI, "worker", "--broker", url, "--backend", "synthetic", "--model-names", models, *args]
+    return [*cli, "worker", "--broker", url, "--backend", "synthetic", "--model-names", models, *args]
 
 
 @dataclass
@@ -135,6 +135,8 @@ class ProcessGroup:
 
     workdir: Path
     processes: list[Process] = field(default_factory=list)
+    #: How `mesh` commands start (bench.timeline puts its probes in front of them).
+    cli: Sequence[str] = MESH_CLI
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Process:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -154,14 +156,15 @@ class ProcessGroup:
         return process
 
     def mesh(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-        return self.start(name, [*MESH_CLI, *args], env)
+        return self.start(name, [*self.cli, *args], env)
 
     def broker(self, url: str, *args: str) -> Process:
         return self.mesh("broker", "broker", "--broker", url, *args)
 
     def synthetic_worker(self, url: str, worker_id: str, *args: str, models: str = "synthetic") -> Process:
         """A worker on the synthetic engine (fake tokens; for benchmarks and fault tests, not a model)."""
-        return self.start(f"worker-{worker_id}", synthetic_worker_command(url, models, "--worker-id", worker_id, *args))
+        command = synthetic_worker_command(url, models, "--worker-id", worker_id, *args, cli=self.cli)
+        return self.start(f"worker-{worker_id}", command)
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):

@@ -1,4 +1,4 @@
-"""Smoke test of `python -m bench`: the relay and overhead suites run end to end and name their figures.
+"""Smoke test of `python -m bench`: the relay, overhead and timeline suites run end to end and name their figures.
 
 Tiny counts (--smoke): this checks the tooling, never the speed (speed targets live in bench/).
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import timeline
 from mesh.cpu_latency import PM_QOS_DEVICE, current_cpu_latency
 from tests.support import ProcessGroup, mesh_env
 
@@ -70,3 +71,41 @@ def test_a_suite_runs_under_the_cpu_latency_it_is_given_and_records_it(processes
     assert result["status"] == "ok", result.get("skipped")
     assert result["machine"]["cpu_idle"]["pm_qos_cpu_latency_us"] == 7
     assert current_cpu_latency() == before
+
+
+def test_timeline_lays_each_requests_events_from_every_process_in_causal_order(
+    processes: ProcessGroup, tmp_path: Path
+) -> None:
+    result = run_bench(processes, tmp_path, "timeline")
+    assert result["status"] == "ok", result.get("skipped")
+    at = {e["event"]: e["median_us"] for e in result["summary"]["events"]}
+    # Each step follows the one before it in every request, so their medians keep that order too.
+    path = [
+        "gateway: HTTP bytes in",
+        "gateway: zmq send SUBMIT",
+        "broker: zmq recv SUBMIT",
+        "worker: zmq recv SUBMIT",
+        "worker: request task runs",
+        "worker: zmq send TOKENS",
+        "broker: zmq recv TOKENS",
+        "gateway: zmq recv TOKENS",
+        "gateway: HTTP bytes out",
+        timeline.FIRST_TOKEN,
+    ]
+    assert [at.get(event) for event in path] == sorted(at[event] for event in path), at
+    assert result["summary"]["ttft_p50_us"] == at[timeline.FIRST_TOKEN] > 0
+
+
+def test_timeline_takes_each_events_first_occurrence_per_request() -> None:
+    # Two requests sent at 0 and 10,000 ns, first tokens at 5,000 and 16,000 ns.
+    events = [
+        (1_000, "gateway: in"),
+        (2_000, "worker: send"),
+        (3_000, "worker: send"),  # a second frame: not the first occurrence
+        (11_000, "gateway: in"),
+        (13_000, "worker: send"),
+        (14_000, "broker: once"),  # in one request of two: under the share reported
+        (17_000, "worker: send"),  # after the first token: not on its path
+    ]
+    rows = timeline.lay_out(events, [(0, 5_000), (10_000, 16_000)])
+    assert rows == [("gateway: in", 1.0), ("worker: send", 2.5), (timeline.FIRST_TOKEN, 5.5)]
