@@ -259,6 +259,10 @@ class MeshClient:
     def models(self) -> dict[str, list[Announcement]]:
         return self.view.models(time.monotonic())
 
+    def serving(self, model: str) -> list[Announcement]:
+        """The live workers of one model, from the bus view (no round trip)."""
+        return self.view.serving(model, time.monotonic())
+
     async def wait_for_broker(self, timeout: float | None = None) -> BrokerInfo:
         """Waits for the broker's snapshot (every live worker, then a beacon)."""
         try:

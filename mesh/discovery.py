@@ -55,6 +55,10 @@ class MeshView:
             del self._workers[wid]
         return [ann for _, (ann, _) in sorted(self._workers.items())]
 
+    def serving(self, model: str, now: float) -> list[Announcement]:
+        """The live workers that serve `model` (under any of their names): one pass, for a request's path."""
+        return [ann for ann, seen in self._workers.values() if model in ann.models and now - seen <= self.expiry]
+
     def models(self, now: float) -> dict[str, list[Announcement]]:
         """Each served model name (aliases included) with the workers that serve it."""
         served: dict[str, list[Announcement]] = {}

@@ -297,7 +297,7 @@ def _model_limits(client: MeshClient, model: str) -> ModelLimits:
     one served it earlier."""
     if not client.broker_alive:
         raise from_mesh_error(BrokerUnavailableError(f"no broker answers at {client.endpoints.front}"))
-    workers = client.models().get(model)
+    workers = client.serving(model)
     if not workers:
         # A model served before has workers that are gone, perhaps restarting: a retry may succeed.
         raise _model_unavailable(model) if model in client.view.served_once else _model_not_found(model)

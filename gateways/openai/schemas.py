@@ -166,7 +166,9 @@ _UNSUPPORTED: dict[str, Any] = {
 
 def unsupported_parameters(request: BaseModel) -> list[str]:
     """Names of parameters in the request that ask for something this gateway cannot do."""
-    extra = request.model_extra or {}
+    extra = request.model_extra
+    if not extra:
+        return []  # the usual request: nothing beyond the fields the schema knows
     return sorted(name for name, is_off in _UNSUPPORTED.items() if name in extra and not is_off(extra[name]))
 
 

@@ -21,6 +21,16 @@ def test_workers_expire_after_missed_heartbeats() -> None:
     assert set(view.models(now=11.6)) == {"m", "alias"}
 
 
+def test_one_models_workers_by_any_of_their_names_with_the_same_expiry() -> None:
+    view = MeshView(expiry=expiry_after(0.5, 3))
+    view.apply(ann("a", ["m"]), now=10.0)
+    view.apply(ann("b", ["m", "alias"]), now=11.0)
+    assert [w.worker_id for w in view.serving("m", now=11.4)] == ["a", "b"]
+    assert [w.worker_id for w in view.serving("m", now=11.6)] == ["b"]
+    assert [w.worker_id for w in view.serving("alias", now=11.6)] == ["b"]
+    assert view.serving("other", now=11.6) == []
+
+
 def test_older_announcements_do_not_overwrite_newer_ones() -> None:
     view = MeshView()
     view.apply(ann("a", ["new"], seq=5), now=1.0)
