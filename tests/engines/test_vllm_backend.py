@@ -406,9 +406,12 @@ def test_cancel_frees_the_slot(vllm_mesh: VllmMesh) -> None:
             async for chunk in client.generate(long):
                 received += len(chunk.token_ids)
                 if received >= 3:
-                    loaded = client.models()[MODEL][0]
+                    # Load changes are announced at most every 50 ms: wait for the one that counts this request.
+                    deadline = time.monotonic() + 5
+                    while (w := client.models()[MODEL][0]).inflight != 1:
+                        assert time.monotonic() < deadline, f"the request never showed as load: {w}"
+                        await asyncio.sleep(0.02)
                     break  # leaving the loop cancels the request down to the engine
-            assert loaded.inflight == 1
             deadline = time.monotonic() + 30
             while (w := client.models()[MODEL][0]).inflight or w.waiting:
                 assert time.monotonic() < deadline, f"the slot was not freed: {w}"

@@ -100,7 +100,7 @@ def test_chat_streams_a_reply_and_login_is_enforced(shared_ui: UI) -> None:
 
     client = Client(url, auth=(USER, PASSWORD), verbose=False)
     # Enough tokens that the reply is seen growing even when the UI takes the waiting ones together.
-    tokens = 120
+    tokens = 400  # 2 s at 5 ms a token
     job = client.submit("Tell me a story", "syn", 0.7, 1.0, tokens, "7", api_name="/chat")
     updates = [outputs for outputs in job]
     job.result()
