@@ -251,7 +251,8 @@ async def test_generate_with_three_workers_and_aliases(processes: ProcessGroup, 
 async def test_shortest_queue_spreads_in_proportion_to_capacity(processes: ProcessGroup, broker_url: str) -> None:
     processes.broker(broker_url)
     for worker_id, capacity in (("c1", 1), ("c2", 2), ("c3", 3)):
-        processes.synthetic_worker(broker_url, worker_id, "--capacity", str(capacity), "--itl-ms", "15")
+        # 50 ms a token: a request holds its slot 0.4 s, so a stall of the machine's making moves few.
+        processes.synthetic_worker(broker_url, worker_id, "--capacity", str(capacity), "--itl-ms", "50")
     async with MeshClient(broker_url) as client:
         await wait_for_workers(client, 3)
         results = await asyncio.gather(*(client.complete(request(max_tokens=8)) for _ in range(30)))
