@@ -48,6 +48,15 @@ from mesh.protocol import (
 from tests.support import ProcessGroup, hand_made_worker, recv, wait_for_workers
 
 
+async def counted_by_broker(client: MeshClient, reason: str, timeout: float = 5.0) -> None:
+    """Waits until the broker reports a message dropped for `reason` (its beacon, every heartbeat, carries
+    the counts)."""
+    deadline = time.monotonic() + timeout
+    while client.broker_info is None or not client.broker_info.dropped.get(reason, 0):
+        assert time.monotonic() < deadline, client.broker_info
+        await asyncio.sleep(0.05)
+
+
 def request(
     model: str = "synthetic", max_tokens: int = 4, prompt: str = "hello mesh", **fields: object
 ) -> GenerateRequest:
@@ -182,11 +191,7 @@ async def test_two_workers_with_one_id_do_not_take_turns(processes: ProcessGroup
         streams = (client.complete(request(max_tokens=50)) for _ in range(10))
         results = await asyncio.wait_for(asyncio.gather(*streams), 30)
         assert all(r.finish_reason is FinishReason.LENGTH for r in results)
-        # Reported: the counter travels in the broker's beacon, up to a heartbeat or two behind.
-        deadline = time.monotonic() + 5
-        while client.broker_info is None or not client.broker_info.dropped.get("older_incarnation", 0):
-            assert time.monotonic() < deadline, client.broker_info
-            await asyncio.sleep(0.05)
+        await counted_by_broker(client, "older_incarnation")
 
 
 async def test_closing_the_client_ends_its_open_streams(processes: ProcessGroup, broker_url: str) -> None:
@@ -449,10 +454,7 @@ async def test_queued_request_of_a_departed_client_is_dropped(processes: Process
         # Had the departed client's request run, it would hold the only slot for 80 s.
         done = await asyncio.wait_for(client.complete(request(max_tokens=2)), 3)
         assert done.worker_id == "w1"
-        deadline = time.monotonic() + 5  # the count travels in the broker's beacon
-        while client.broker_info is None or not client.broker_info.dropped.get("client_gone", 0):
-            assert time.monotonic() < deadline, client.broker_info
-            await asyncio.sleep(0.05)
+        await counted_by_broker(client, "client_gone")
 
 
 async def test_kill_9_of_a_worker(processes: ProcessGroup, broker_url: str) -> None:
