@@ -36,7 +36,7 @@ from typing import Any
 from bench.load import HttpTarget, Timing
 from bench.mesh_stack import SYNTHETIC_MODEL, start_synthetic_mesh
 from bench.rawhttp import RawHttpPool, raw_http_requester
-from bench.report import SuiteResult, markdown_table
+from bench.report import SuiteResult, markdown_table, skipped
 
 #: The client's own event: the first token's bytes read (every other event belongs to a mesh process).
 FIRST_TOKEN = "client: first token read"
@@ -162,8 +162,9 @@ def lay_out(
     ordered = sorted(events)
     offsets: dict[str, list[float]] = {}
     cursor = 0
-    bounds = [sent for sent, _ in requests[1:]] + [requests[-1][1] + 10**9] if requests else []
-    for (sent, first_token), end in zip(requests, bounds, strict=True):
+    # Each request's window ends where the next one begins (the last one's, a second after its first token).
+    ends = [sent for sent, _ in requests[1:]] + [first_token + 10**9 for _, first_token in requests[-1:]]
+    for (sent, first_token), end in zip(requests, ends, strict=True):
         while cursor < len(ordered) and ordered[cursor][0] < sent:
             cursor += 1
         seen: set[str] = set()
@@ -201,8 +202,6 @@ async def run(out: Path, requests: int, max_tokens: int, progress: bool) -> Suit
     mesh = await start_synthetic_mesh(out / "logs" / "timeline", 1, gateway=True, cli=probe_command(folder))
     with mesh.group:
         if mesh.gateway_url is None:
-            from bench.report import skipped
-
             return skipped("timeline", mesh.gateway_skipped or "the gateway did not start", params)
         pool = RawHttpPool(mesh.gateway_url)
         one = raw_http_requester(pool, HttpTarget(mesh.gateway_url, SYNTHETIC_MODEL), max_tokens)

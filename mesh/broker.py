@@ -117,6 +117,13 @@ def warm_up_seconds(heartbeat_interval: float) -> float:
     return 1.2 * (transport.RECONNECT_INTERVAL_MAX_S + 2 * heartbeat_interval)
 
 
+def _takes(worker: _Worker, longer_than: int) -> bool:
+    """Whether the worker takes new work (it is not draining) with a context longer than `longer_than`
+    (0: any)."""
+    announcement = worker.announcement
+    return not announcement.draining and (not longer_than or announcement.context_length > longer_than)
+
+
 def _log_due(last_logged: dict[Any, float], key: object) -> bool:
     """Whether a warning about `key` may be logged now (once per REFUSAL_LOG_INTERVAL); notes it if so."""
     now = time.monotonic()
@@ -392,10 +399,7 @@ class Broker:
         return [
             w
             for w in self._by_model.get(model, ())
-            if len(w.inflight) < w.announcement.capacity
-            and not w.announcement.draining
-            and w.worker_id != exclude
-            and (not longer_than or w.announcement.context_length > longer_than)
+            if len(w.inflight) < w.announcement.capacity and w.worker_id != exclude and _takes(w, longer_than)
         ]
 
     def _dispatch(self, request: _Request, exclude: bytes | None = None) -> bool:
@@ -443,10 +447,7 @@ class Broker:
     def _context_available(self, request: _Request) -> bool:
         """Whether a worker of the request's model, free or busy, has the context it needs."""
         need = request.exceeds_context
-        return not need or any(
-            w.announcement.context_length > need and not w.announcement.draining
-            for w in self._by_model.get(request.model, ())
-        )
+        return not need or any(_takes(w, need) for w in self._by_model.get(request.model, ()))
 
     def _finish(self, request: _Request) -> None:
         """Forgets a request and frees its worker's slot."""
