@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.report import SuiteResult, skipped, targets_table, write_json
 from mesh.cli_options import add_cpu_latency_option
 from mesh.cpu_latency import CpuLatencyError, hold_cpu_latency
+from mesh.reply_stream import DEFAULT_STREAM_INTERVAL
 
 DEFAULT_OUT = Path("bench-results")
 Runner = Callable[[argparse.Namespace], Awaitable[SuiteResult]]
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-interval-ms",
         type=float,
         metavar="MS",
-        help="the worker's --stream-interval-ms (default: the worker's own, 0.5); 0 sends every token as a frame",
+        help=f"the worker's --stream-interval-ms (default: the worker's own, {DEFAULT_STREAM_INTERVAL * 1000:g}); "
+        "0 sends every token as a frame",
     )
 
     p = sub.add_parser("timeline", help="one request's time to first token, event by event in every process")

@@ -191,8 +191,8 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_STREAM_INTERVAL * 1000,
         metavar="MS",
         help="shortest gap between two frames of one request: tokens an engine makes faster than this travel "
-        "together, none waits longer (default: %(default)g; a model's step is longer, so it only matters "
-        "for an engine that outruns the mesh). 0 sends every step at once",
+        "together, none waits longer while steps keep coming (default: %(default)g; a model's step is longer, "
+        "so it only matters for an engine that outruns the mesh). 0 sends every step at once",
     )
     p.add_argument("--cache-dir", metavar="DIR", help="where converted models are kept (env: LLM_MESH_CACHE)")
     p.add_argument(

@@ -3,7 +3,9 @@
 A step's tokens leave at once when the request's previous frame left at least
 `interval` seconds ago. Otherwise they are held, joined with the next steps'
 tokens, until it has (or until the last frame, DONE, which carries them). So no
-token waits longer than `interval`, and the tokens of an engine whose steps
+token waits longer than `interval` while steps keep coming; when the engine
+pauses, a timer sends what is held, as late as a millisecond past the interval
+(uvloop's timers count whole milliseconds). The tokens of an engine whose steps
 take longer (every real model: a decode step takes milliseconds) are seldom
 held, only when a step's output reaches the worker late.
 
@@ -18,14 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 from mesh.engines import EngineError, EngineOutput
 from mesh.protocol import MAX_MESSAGE_BYTES, Done, ErrorCode, Kind, TokenChunk, encode, pack_header
 
-#: Default for WorkerConfig.stream_interval: well under any real engine's step, well over a frame's
-#: cost in the mesh (tens of microseconds per process).
-DEFAULT_STREAM_INTERVAL = 0.0005
+#: The coarsest an event loop's timers may be: uvloop's count whole milliseconds (a shorter delay
+#: fires on the next iteration) and its clock ticks once a millisecond. Pacing therefore reads
+#: time.monotonic(), and the timer for held tokens is never asked for less than this.
+_TIMER_RESOLUTION = 0.001
+#: Default for WorkerConfig.stream_interval: well under any real engine's step, and no shorter than
+#: the timer that sends held tokens can keep.
+DEFAULT_STREAM_INTERVAL = _TIMER_RESOLUTION
 
 
 def _within_limit(body: bytes) -> bytes:
@@ -42,6 +49,9 @@ def _within_limit(body: bytes) -> bytes:
 
 class ReplyStream:
     """Turns one request's engine outputs into TOKENS frames and a DONE frame, sent with `send`.
+
+    `on_tokens` is told how many tokens each frame carries as it leaves (a frame, not a step: it is
+    called far less often than `add` when steps are fast).
 
     Used from the request's task. The timer that sends held tokens runs outside it, so it does
     nothing once that task is cancelled (its frames would belong to a request already forgotten),
@@ -70,26 +80,29 @@ class ReplyStream:
 
     def add(self, output: EngineOutput) -> None:
         """A step's output without a finish reason: sent now, or held for at most the interval."""
-        self._raise_failure()
-        if not (output.text or output.token_ids):
+        if self._failure is not None:
+            self._raise_failure()
+        token_ids = output.token_ids
+        if not token_ids:
+            if output.text:
+                # The echo (the prompt's text): a frame of its own, never joined, never held. The client
+                # tells it from the tokens' deltas by its having no token ids.
+                self.flush()
+                self._emit(TokenChunk(output.text, [], output.logprobs), paced=False)
             return
-        self._on_tokens(len(output.token_ids))
-        if not output.token_ids:
-            # The echo (the prompt's text): a frame of its own, never joined, never held. The client
-            # tells it from the tokens' deltas by its having no token ids.
-            self.flush()
-            self._emit(TokenChunk(output.text, [], output.logprobs), paced=False)
-            return
-        self._hold(output)
-        if self._loop.time() - self._last_sent_at >= self._interval:
-            self.flush()
-        elif self._timer is None:
-            self._timer = self._loop.call_at(self._last_sent_at + self._interval, self._flush_due)
+        held = self._held
+        if held is None:
+            self._held = TokenChunk(output.text, list(token_ids), output.logprobs)
+        else:
+            held.text += output.text
+            held.token_ids += token_ids
+            if output.logprobs:
+                held.logprobs = (held.logprobs or []) + output.logprobs
+        self._flush_or_wait()
 
     def finish(self, output: EngineOutput, worker_id: str) -> None:
         """The last frame: DONE, carrying what is held and the final output's own tokens."""
         self._raise_failure()
-        self._on_tokens(len(output.token_ids))
         self._cancel_timer()
         text, token_ids, logprobs = output.text, list(output.token_ids), output.logprobs
         if self._held is not None:
@@ -108,7 +121,9 @@ class ReplyStream:
             logprobs,
             self._sent + 1,
         )
-        self._send([pack_header(Kind.DONE, self._request_id), _within_limit(encode(done))])
+        body = _within_limit(encode(done))
+        self._on_tokens(len(token_ids))
+        self._send([pack_header(Kind.DONE, self._request_id), body])
 
     def fail(self, error_frames: list[bytes]) -> None:
         """Ends the reply with an error; the tokens held go first, as they would have without holding."""
@@ -128,30 +143,29 @@ class ReplyStream:
         self._cancel_timer()
         self._held = None
 
-    def _hold(self, output: EngineOutput) -> None:
-        held = self._held
-        if held is None:
-            self._held = TokenChunk(output.text, list(output.token_ids), output.logprobs)
-            return
-        held.text += output.text
-        held.token_ids.extend(output.token_ids)
-        if output.logprobs:
-            held.logprobs = (held.logprobs or []) + output.logprobs
-
     def _emit(self, chunk: TokenChunk, paced: bool = True) -> None:
         chunk.seq = self._sent + 1
         body = _within_limit(encode(chunk))
         self._sent += 1
+        self._on_tokens(len(chunk.token_ids))
         self._send([self._tokens_header, body])
         if paced:  # the echo does not hold back the first token
-            self._last_sent_at = self._loop.time()
+            self._last_sent_at = time.monotonic()
+
+    def _flush_or_wait(self) -> None:
+        """Sends what is held if the interval since the last frame is up, or sees that a timer will."""
+        wait = self._last_sent_at + self._interval - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(max(wait, _TIMER_RESOLUTION), self._flush_due)
 
     def _flush_due(self) -> None:
         self._timer = None
         if self._task is not None and (self._task.done() or self._task.cancelling()):
             return  # cancelled or over: the task discards what is held
         try:
-            self.flush()
+            self._flush_or_wait()  # a coarse timer may fire a little early
         except EngineError as exc:
             self._failure = exc
 

@@ -6,8 +6,10 @@ No sockets: the frames it would send are collected and decoded, as the broker an
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import uvloop
 
 from mesh.engines import EngineError, EngineOutput
 from mesh.protocol import (
@@ -31,13 +33,15 @@ INTERVAL = 0.5
 
 
 class Sent:
-    """The frames a ReplyStream sent, decoded."""
+    """The frames a ReplyStream sent, decoded, and when each left."""
 
     def __init__(self) -> None:
         self.frames: list[list[bytes]] = []
+        self.times: list[float] = []
 
     def __call__(self, frames: list[bytes]) -> None:
         self.frames.append(frames)
+        self.times.append(time.monotonic())
 
     def decoded(self) -> list[TokenChunk | Done | Kind]:
         out: list[TokenChunk | Done | Kind] = []
@@ -91,7 +95,7 @@ async def test_steps_faster_than_the_interval_travel_together_and_none_is_lost()
     assert done.token_ids == list(range(2, 12))
     assert done.text == "".join(f" t{i}" for i in range(2, 12))
     assert [entry.token_id for entry in done.logprobs or []] == list(range(2, 11))  # the last output had none
-    assert sum(counted) == 11
+    assert counted == [1, 10]  # told per frame as it leaves, not per step
 
 
 async def test_held_tokens_leave_when_the_interval_is_up_without_waiting_for_more() -> None:
@@ -159,3 +163,27 @@ async def test_held_tokens_too_large_for_a_frame_fail_the_request_at_its_next_st
     with pytest.raises(EngineError, match="message limit"):
         reply.add(token(3))
     assert [c.token_ids for c in sent.decoded()] == [[1]]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("interval", [0.0005, 0.0015])
+def test_on_uvloop_no_frame_leaves_before_the_interval_is_up(interval: float) -> None:
+    """The worker runs on uvloop, whose clock and timers count whole milliseconds: a 0.5 ms timer
+    fires on the next iteration. Pacing by them sent a frame per step."""
+    sent = Sent()
+
+    async def serve() -> None:
+        reply = ReplyStream(sent, REQUEST_ID, interval)
+        produced = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 0.03:  # an engine with no delay: a step per loop iteration
+            produced += 1
+            reply.add(token(produced))
+            await asyncio.sleep(0)
+        reply.add(token(produced + 1))  # then a stall: what is held must leave on the timer alone
+        await asyncio.sleep(0.05)
+        assert sum(len(c.token_ids) for c in sent.decoded()) == produced + 1  # type: ignore[union-attr]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
+    gaps = [later - earlier for earlier, later in zip(sent.times, sent.times[1:], strict=False)]
+    assert gaps and min(gaps) >= interval
