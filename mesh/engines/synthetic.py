@@ -29,6 +29,7 @@ _WORDS = [
     *("lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform"),
     *("victor", "whiskey", "xray", "yankee", "zulu"),
 ]
+_TOKEN_TEXTS = [" " + word for word in _WORDS]  # each word as a token's text: built once, not per token
 
 
 _MASK64 = (1 << 64) - 1
@@ -114,9 +115,10 @@ class SyntheticEngine(Engine):
                 yield EngineOutput(text=prompt, logprobs=_prompt_logprobs(prompt, request.prompt_logprobs))
             if self.config.ttft_ms:
                 await asyncio.sleep(self.config.ttft_ms / 1000)
+            step_delay = self.config.itl_ms / 1000
             for produced in range(1, request.max_tokens + 1):
                 token_id = _word(base, resumed + produced)
-                output = EngineOutput(text=" " + _WORDS[token_id], token_ids=[token_id])
+                output = EngineOutput(text=_TOKEN_TEXTS[token_id], token_ids=[token_id])
                 if request.logprobs is not None:
                     output.logprobs = [_token_logprob(token_id, request.logprobs)]
                 if produced == request.max_tokens:
@@ -126,7 +128,7 @@ class SyntheticEngine(Engine):
                     return
                 yield output
                 # Yield to the loop between steps even with no delay, as a real engine would.
-                await asyncio.sleep(self.config.itl_ms / 1000)
+                await asyncio.sleep(step_delay)
             yield EngineOutput(finish_reason=FinishReason.LENGTH, prompt_tokens=prompt_tokens)
         finally:
             self._running -= 1
