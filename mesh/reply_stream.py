@@ -80,8 +80,7 @@ class ReplyStream:
 
     def add(self, output: EngineOutput) -> None:
         """A step's output without a finish reason: sent now, or held for at most the interval."""
-        if self._failure is not None:
-            self._raise_failure()
+        self._raise_failure()
         token_ids = output.token_ids
         if not token_ids:
             if output.text:
